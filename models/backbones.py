@@ -1,0 +1,126 @@
+"""Backbones. Each takes ``norm``, a callable ``(channels, dims, name) -> nn.Module`` (for example
+``plugins.norm.NormFactory``), so that one config value changes every normalization layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from plugins.norm import NormFactory
+
+__all__ = ["DigitsCNN", "FCN1d", "ResNet1d", "ResidualBlock1d"]
+
+Norm = Callable[..., nn.Module]
+
+
+def _block(conv: nn.Module, norm: nn.Module) -> nn.Sequential:
+    return nn.Sequential(conv, norm, nn.ReLU(inplace=True))
+
+
+class DigitsCNN(nn.Module):
+    """A small VGG-style 2-D CNN for 8x8 digit images: three conv-norm-ReLU stages, two poolings,
+    a linear head. About 0.1M parameters and 2.6M multiply-adds per image at the default widths."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        widths: Sequence[int] = (32, 64, 128),
+        dropout: float = 0.1,
+        norm: Norm | None = None,
+    ) -> None:
+        super().__init__()
+        norm = norm or NormFactory("batch")
+        w1, w2, w3 = widths
+        self.features = nn.Sequential(
+            _block(nn.Conv2d(in_channels, w1, 3, padding=1, bias=False), norm(w1, 2, "features.0.1")),
+            _block(nn.Conv2d(w1, w2, 3, padding=1, bias=False), norm(w2, 2, "features.1.1")),
+            nn.MaxPool2d(2),
+            _block(nn.Conv2d(w2, w3, 3, padding=1, bias=False), norm(w3, 2, "features.3.1")),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(w3 * 2 * 2, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class FCN1d(nn.Module):
+    """Fully convolutional network for series (Wang et al. 2017): three conv-norm-ReLU blocks with
+    kernels 8, 5, 3, global average pooling, a linear head. Any series length."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        widths: Sequence[int] = (64, 128, 64),
+        kernels: Sequence[int] = (8, 5, 3),
+        norm: Norm | None = None,
+    ) -> None:
+        super().__init__()
+        norm = norm or NormFactory("batch")
+        layers, channels = [], in_channels
+        for i, (width, kernel) in enumerate(zip(widths, kernels)):
+            conv = nn.Conv1d(channels, width, kernel, padding="same", bias=False)
+            layers.append(_block(conv, norm(width, 1, f"features.{i}.1")))
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=-1))
+
+
+class ResidualBlock1d(nn.Module):
+    """Three conv-norm layers (kernels 8, 5, 3) with a shortcut added before the last ReLU; the
+    shortcut is a 1x1 conv + norm when the channel count changes, the identity otherwise."""
+
+    def __init__(self, in_channels: int, width: int, kernels: Sequence[int], norm: Norm, name: str) -> None:
+        super().__init__()
+        convs, channels = [], in_channels
+        for i, kernel in enumerate(kernels):
+            convs += [
+                nn.Conv1d(channels, width, kernel, padding="same", bias=False),
+                norm(width, 1, f"{name}.body.{2 * i + 1}"),
+            ]
+            if i < len(kernels) - 1:
+                convs.append(nn.ReLU(inplace=True))
+            channels = width
+        self.body = nn.Sequential(*convs)
+        self.shortcut = (
+            nn.Identity()
+            if in_channels == width
+            else nn.Sequential(
+                nn.Conv1d(in_channels, width, 1, bias=False), norm(width, 1, f"{name}.shortcut.1")
+            )
+        )
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+class ResNet1d(nn.Module):
+    """ResNet for series (Wang et al. 2017): residual blocks, global average pooling, linear head."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        widths: Sequence[int] = (64, 128, 128),
+        kernels: Sequence[int] = (8, 5, 3),
+        norm: Norm | None = None,
+    ) -> None:
+        super().__init__()
+        norm = norm or NormFactory("batch")
+        blocks, channels = [], in_channels
+        for i, width in enumerate(widths):
+            blocks.append(ResidualBlock1d(channels, width, kernels, norm, f"blocks.{i}"))
+            channels = width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x).mean(dim=-1))

@@ -1,0 +1,196 @@
+"""Data modules for data that ships inside packages: scikit-learn's digits and aeon's bundled
+UCR/UEA sets. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import numpy as np
+import lightning as L
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, TensorDataset
+
+from plugins.errors import ConfigError
+
+__all__ = ["DigitsDataModule", "UCRDataModule", "UCR_DATASETS"]
+
+# Classification sets whose files ship inside aeon (aeon/datasets/data); anything else would need a
+# download, which this project never does.
+UCR_DATASETS = (
+    "ACSF1",
+    "ArrowHead",
+    "BasicMotions",
+    "GunPoint",
+    "ItalyPowerDemand",
+    "JapaneseVowels",
+    "OSULeaf",
+    "PickupGestureWiimoteZ",
+)
+
+
+def _check_fraction(key: str, value: float, low: float = 0.0, high: float = 1.0) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+        raise ConfigError(key, value, f"a number in [{low}, {high})")
+
+
+def _per_sample_gain(n: int, spread: float, seed: int) -> torch.Tensor:
+    """Gains log-uniform in [1/spread, spread], one per sample, fixed by the seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp((torch.rand(n, generator=g) * 2 - 1) * np.log(spread))
+
+
+class _ArrayDataModule(L.LightningDataModule):
+    """Shared plumbing: tensors in, three loaders out, with optional input transforms."""
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        denoise_lambda: float = 0.0,
+        random_gain: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError("data.batch_size", batch_size, "an integer >= 1")
+        if isinstance(denoise_lambda, bool) or not isinstance(denoise_lambda, (int, float)) or denoise_lambda < 0:
+            raise ConfigError("data.denoise_lambda", denoise_lambda, "a number >= 0 (0 = off)")
+        if isinstance(random_gain, bool) or not isinstance(random_gain, (int, float)) or (
+            random_gain != 0 and random_gain < 1
+        ):
+            raise ConfigError("data.random_gain", random_gain, "0 (off) or a spread >= 1")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.denoise_lambda = float(denoise_lambda)
+        self.random_gain = float(random_gain)
+        self.seed = seed
+        self.splits: dict[str, TensorDataset] = {}
+
+    def _transform(self, x: torch.Tensor, split: str) -> torch.Tensor:
+        if self.denoise_lambda > 0:
+            x = F.hardshrink(x, self.denoise_lambda)
+        if self.random_gain > 0:
+            offset = {"train": 0, "val": 1, "test": 2}[split]
+            gain = _per_sample_gain(len(x), self.random_gain, self.seed * 3 + offset)
+            x = x * gain.view(-1, *([1] * (x.dim() - 1)))
+        return x
+
+    def _set(self, split: str, x: np.ndarray, y: np.ndarray) -> None:
+        xt = self._transform(torch.as_tensor(x, dtype=torch.float32), split)
+        self.splits[split] = TensorDataset(xt, torch.as_tensor(y, dtype=torch.long))
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=g if shuffle else None,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class DigitsDataModule(_ArrayDataModule):
+    """scikit-learn's 8x8 digits (1,797 images, 10 classes), pixels scaled to [0, 1], split
+    stratified into train/val/test from the seed. Loads in milliseconds; no download."""
+
+    in_channels = 1
+    num_classes = 10
+
+    def __init__(self, val_fraction: float = 0.15, test_fraction: float = 0.15, **kwargs) -> None:
+        super().__init__(**kwargs)
+        _check_fraction("data.val_fraction", val_fraction, 0.01, 0.5)
+        _check_fraction("data.test_fraction", test_fraction, 0.01, 0.5)
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+        x = (x / 16.0).reshape(-1, 1, 8, 8)
+        x_rest, x_test, y_rest, y_test = train_test_split(
+            x, y, test_size=self.test_fraction, stratify=y, random_state=self.seed
+        )
+        x_train, x_val, y_train, y_val = train_test_split(
+            x_rest,
+            y_rest,
+            test_size=self.val_fraction / (1 - self.test_fraction),
+            stratify=y_rest,
+            random_state=self.seed,
+        )
+        self._set("train", x_train, y_train)
+        self._set("val", x_val, y_val)
+        self._set("test", x_test, y_test)
+
+
+def _resample(series: list[np.ndarray], length: int) -> np.ndarray:
+    """Linear interpolation of each (C, L_i) series onto ``length`` points."""
+    out = np.empty((len(series), series[0].shape[0], length), dtype=np.float32)
+    grid = np.linspace(0.0, 1.0, length)
+    for i, s in enumerate(series):
+        src = np.linspace(0.0, 1.0, s.shape[1])
+        for c in range(s.shape[0]):
+            out[i, c] = np.interp(grid, src, np.nan_to_num(s[c]))
+    return out
+
+
+class UCRDataModule(_ArrayDataModule):
+    """A UCR/UEA classification set bundled in aeon. The official TRAIN split is divided
+    (stratified, from the seed) into train and val; TEST is the test split. Variable-length sets
+    are resampled by linear interpolation to the longest training series. ``znorm`` standardizes
+    each series channel on its own; otherwise values are left as recorded."""
+
+    def __init__(self, name: str = "GunPoint", val_fraction: float = 0.2, znorm: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if name not in UCR_DATASETS:
+            raise ConfigError("data.name", name, f"one of the sets bundled in aeon: {', '.join(UCR_DATASETS)}")
+        _check_fraction("data.val_fraction", val_fraction, 0.05, 0.5)
+        self.name = name
+        self.val_fraction = val_fraction
+        self.znorm = znorm
+        self._loaded = self._load()
+
+    def _load(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        from aeon.datasets import load_classification
+
+        raw = {split: load_classification(self.name, split=split) for split in ("train", "test")}
+        classes = sorted(set(raw["train"][1]) | set(raw["test"][1]))
+        index = {c: i for i, c in enumerate(classes)}
+        length = max(s.shape[-1] for s in raw["train"][0])
+        out = {}
+        for split, (x, y) in raw.items():
+            series = list(x) if isinstance(x, list) else [s for s in x]
+            arr = _resample(series, length)
+            if self.znorm:
+                arr = (arr - arr.mean(-1, keepdims=True)) / (arr.std(-1, keepdims=True) + 1e-8)
+            out[split] = (arr, np.array([index[c] for c in y]))
+        self.in_channels = out["train"][0].shape[1]
+        self.num_classes = len(classes)
+        self.length = length
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        x, y = self._loaded["train"]
+        counts = np.bincount(y)
+        stratify = y if counts.min() >= 2 and len(y) * self.val_fraction >= len(counts) else None
+        x_train, x_val, y_train, y_val = train_test_split(
+            x, y, test_size=self.val_fraction, stratify=stratify, random_state=self.seed
+        )
+        self._set("train", x_train, y_train)
+        self._set("val", x_val, y_val)
+        self._set("test", *self._loaded["test"])

@@ -1,0 +1,136 @@
+"""The one mechanism for acting on a parameter: ``torch.nn.utils.parametrize``.
+
+A mask is a 0/1 tensor of the parameter's shape (or broadcastable to it, e.g. ``(C, 1, 1, 1)`` for
+output channels), held as a buffer of a :class:`Mask` parametrization, so the module computes with
+``original * mask``. The hardshrink and structured callbacks both write masks through
+:func:`set_mask`; constraints are parametrizations too (``plugins.constraints``), and on one tensor
+the order is fixed: constraints first, the mask last, so the mask is what the module finally sees.
+
+Zeros stay zero: :func:`set_mask` also zeroes the stored ``original`` and every optimizer state
+tensor at the masked positions. From then on the gradient there is zero (the mask multiplies it),
+so SGD with momentum or weight decay, Adam and AdamW all leave those entries exactly at zero, and a
+checkpoint written at any moment holds sparse weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "Mask",
+    "get_mask",
+    "ensure_mask",
+    "set_mask",
+    "zero_optimizer_state",
+    "bake",
+    "sparsity",
+]
+
+
+class Mask(nn.Module):
+    """Parametrization ``x -> x * mask``; costs one elementwise product in forward and backward."""
+
+    def __init__(
+        self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32, device=None
+    ) -> None:
+        super().__init__()
+        # Same dtype as the weight: no promotion in forward, and DDP broadcasts it like any buffer.
+        self.register_buffer("mask", torch.ones(shape, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask
+
+    def right_inverse(self, x: torch.Tensor) -> torch.Tensor:
+        # Assigning a weight keeps it as given; the mask applies on read.
+        return x
+
+
+def get_mask(module: nn.Module, tensor_name: str) -> Mask | None:
+    """The :class:`Mask` on ``module.tensor_name``, or ``None``."""
+    if not parametrize.is_parametrized(module, tensor_name):
+        return None
+    for p in module.parametrizations[tensor_name]:
+        if isinstance(p, Mask):
+            return p
+    return None
+
+
+def ensure_mask(module: nn.Module, tensor_name: str, shape: tuple[int, ...] | None = None) -> Mask:
+    """Register an all-ones :class:`Mask` on ``module.tensor_name`` unless one is there already.
+
+    ``shape`` defaults to the tensor's own shape; pass a broadcastable one for slice masks. Called
+    in ``setup`` so that a checkpoint's state dict (which holds the mask buffers) loads on resume.
+    """
+    existing = get_mask(module, tensor_name)
+    if existing is not None:
+        return existing
+    tensor = getattr(module, tensor_name)
+    mask = Mask(
+        tuple(shape) if shape is not None else tuple(tensor.shape),
+        dtype=tensor.dtype,
+        device=tensor.device,
+    )
+    parametrize.register_parametrization(module, tensor_name, mask, unsafe=True)
+    return mask
+
+
+@torch.no_grad()
+def set_mask(
+    module: nn.Module,
+    tensor_name: str,
+    keep: torch.Tensor,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+) -> None:
+    """Set the mask of ``module.tensor_name`` to ``keep`` (bool or 0/1, broadcastable).
+
+    Also zeroes the stored weight and the optimizer state at the dropped positions, so that nothing
+    brings them back between updates.
+    """
+    mask = get_mask(module, tensor_name) or ensure_mask(module, tensor_name, tuple(keep.shape))
+    mask.mask.copy_((keep != 0).to(mask.mask).expand_as(mask.mask))
+    original = module.parametrizations[tensor_name].original
+    original.mul_(mask.mask)
+    zero_optimizer_state(optimizers, original, mask.mask)
+
+
+@torch.no_grad()
+def zero_optimizer_state(
+    optimizers: Iterable[torch.optim.Optimizer], param: torch.Tensor, keep: torch.Tensor
+) -> None:
+    """Zero every state tensor of ``param`` (momentum, Adam moments, ...) where ``keep`` is 0."""
+    for optimizer in optimizers:
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        for value in state.values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.mul_(keep)
+
+
+def bake(model: nn.Module) -> int:
+    """Remove every parametrization (masks and constraints), keeping the values they produce.
+
+    The model becomes a plain ``nn.Module`` whose ``state_dict`` loads without this project.
+    Returns the number of tensors baked.
+    """
+    count = 0
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+                count += 1
+    return count
+
+
+@torch.no_grad()
+def sparsity(tensors: Iterable[torch.Tensor]) -> float:
+    """Fraction of exact zeros over all ``tensors`` together."""
+    zeros = total = 0
+    for t in tensors:
+        zeros += int((t == 0).sum())
+        total += t.numel()
+    return zeros / total if total else 0.0

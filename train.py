@@ -1,0 +1,213 @@
+"""Train one model from a Hydra config: validate -> seed -> build -> fit -> test -> write outputs.
+
+    python train.py                                  # the default experiment (digits CNN)
+    python train.py +experiment=ucr_baseline data.name=ArrowHead
+    python train.py -m norm=batch,instance,group,layer
+
+Run outputs (see DESIGN.md): checkpoints/last.ckpt, summary.json, model.pt, plots, logger files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from plugins.errors import ConfigError
+from plugins.masks import sparsity
+from plugins.norm import NormFactory
+from plugins.selection import DEFAULT_MODULE_TYPES, resolve_module_types
+
+log = logging.getLogger("train")
+
+
+def wandb_offline() -> bool:
+    """Offline unless the user asked for online or has credentials; never wait on the network."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        return True
+    if mode == "online":
+        return False
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+
+
+OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks of top-level keys; each group's own values are checked by the object it builds."""
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ConfigError("seed", cfg.seed, "an integer >= 0")
+    for group in ("sparsity", "pruning", "constraints"):
+        node = cfg.get(group)
+        if node and "_target_" not in node:
+            raise ConfigError(group, OmegaConf.to_container(node), f"a {group} config with _target_")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt not in (None, "last"):
+        path = Path(hydra.utils.to_absolute_path(str(ckpt)))
+        if not path.is_file():
+            raise ConfigError("ckpt_path", ckpt, "null, 'last', or the path of an existing checkpoint")
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
+            raise ConfigError(
+                "ckpt_path", ckpt, f"a readable Lightning checkpoint ({type(err).__name__})"
+            ) from None
+
+
+def build_plugins(cfg: DictConfig) -> list[L.Callback]:
+    """Constraints first, then sparsity, then pruning: the documented order on a shared tensor."""
+    plugins = []
+    for group in ("constraints", "sparsity", "pruning"):
+        node = cfg.get(group)
+        if node:
+            plugins.append(hydra.utils.instantiate(node, _convert_="all"))
+    return plugins
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node and "_target_" in node:
+            loggers.append(hydra.utils.instantiate(node, _convert_="all"))
+        elif node:
+            raise ConfigError(f"logger.{name}", OmegaConf.to_container(node), "a logger with _target_")
+    return loggers
+
+
+class EpochLine(L.Callback):
+    """Prints one plain line per epoch when stdout is not a terminal (CI, files, SLURM logs)."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        shown = {k: v for k, v in trainer.callback_metrics.items() if k.endswith(("loss_epoch", "/acc", "/f1"))}
+        parts = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(shown.items()))
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} {parts}", flush=True)
+
+
+def build_callbacks(cfg: DictConfig, output_dir: Path, plugins: list[L.Callback]) -> list[L.Callback]:
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+    checkpoint = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints",
+        filename="epoch{epoch:03d}",
+        auto_insert_metric_name=False,
+        save_last=True,
+        save_top_k=0,
+    )
+    callbacks: list[L.Callback] = [*plugins, checkpoint]
+    if sys.stdout.isatty():
+        callbacks.append(RichProgressBar(leave=True))
+    else:
+        callbacks.append(EpochLine())
+    return callbacks
+
+
+def weight_sparsity(net: torch.nn.Module) -> dict[str, Any]:
+    """Zeros in the weights of conv and linear layers, per layer and over all of them."""
+    types = resolve_module_types(DEFAULT_MODULE_TYPES)
+    layers = {
+        f"{name}.weight": module.weight
+        for name, module in net.named_modules()
+        if isinstance(module, types)
+    }
+    return {
+        "sparsity/global": sparsity(layers.values()),
+        "sparsity/layers": {name: sparsity([w]) for name, w in layers.items()},
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write through a temporary file so that a crash never leaves half a summary."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float))
+    tmp.replace(path)
+
+
+def run(cfg: DictConfig) -> float:
+    started = time.time()
+    validate(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data, seed=cfg.seed)
+    norm = NormFactory(**OmegaConf.to_container(cfg.norm, resolve=True))
+    # Objects go in through partials: instantiate() would turn them into configs.
+    build_net = hydra.utils.instantiate(cfg.model, _partial_=True, _convert_="all")
+    net = build_net(in_channels=datamodule.in_channels, num_classes=datamodule.num_classes, norm=norm)
+    build_module = hydra.utils.instantiate(cfg.module, _partial_=True)
+    module = build_module(net=net, num_classes=datamodule.num_classes)
+    plugins = build_plugins(cfg)
+    loggers = build_loggers(cfg)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=build_callbacks(cfg, output_dir, plugins),
+        logger=loggers or False,
+        default_root_dir=str(output_dir),
+        enable_progress_bar=sys.stdout.isatty(),
+    )
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    finally:
+        for logger in loggers:
+            logger.finalize("success")
+        if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+            import wandb
+
+            wandb.finish()
+
+    if not trainer.is_global_zero:
+        return float(test_metrics["test/acc"])
+    net = module.net
+    summary: dict[str, Any] = {
+        **{k: float(v) for k, v in test_metrics.items()},
+        "params/total": sum(p.numel() for p in net.parameters()),
+        "params/nonzero": sum(int((p != 0).sum()) for p in net.parameters()),
+        **weight_sparsity(net),
+        "norm": cfg.norm.kind,
+        "seed": cfg.seed,
+        "data": cfg.data.get("name", "digits"),
+        "model": cfg.model._target_.rsplit(".", 1)[-1],
+    }
+    for plugin in plugins:
+        if hasattr(plugin, "save_plots"):
+            plugin.save_plots(output_dir)
+        if hasattr(plugin, "summary"):
+            summary.update(plugin.summary())
+    torch.save(net, output_dir / "model.pt")
+    summary["duration_s"] = time.time() - started
+    write_json(output_dir / "summary.json", summary)
+    log.info("test/acc=%.4f  outputs in %s", summary["test/acc"], output_dir)
+    print(f"test/acc={summary['test/acc']:.4f}  summary: {output_dir / 'summary.json'}", flush=True)
+    return float(summary["test/acc"])
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run(cfg)
+    except ConfigError as err:
+        # A user's mistake: one line, no traceback, non-zero exit.
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
