@@ -28,6 +28,7 @@ __all__ = [
     "zero_optimizer_state",
     "bake",
     "sparsity",
+    "prune_in_place",
 ]
 
 
@@ -108,7 +109,7 @@ def zero_optimizer_state(
             continue
         for value in state.values():
             if torch.is_tensor(value) and value.shape == param.shape:
-                value.mul_(keep)
+                value.mul_(keep.expand_as(value).to(value.dtype))
 
 
 def bake(model: nn.Module) -> int:
@@ -134,3 +135,24 @@ def sparsity(tensors: Iterable[torch.Tensor]) -> float:
         zeros += int((t == 0).sum())
         total += t.numel()
     return zeros / total if total else 0.0
+
+
+@torch.no_grad()
+def prune_in_place(
+    module: nn.Module,
+    tensor_name: str,
+    keep: torch.Tensor,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+) -> None:
+    """Zero the stored tensor and its optimizer state where ``keep`` is 0, without keeping a mask.
+
+    For callbacks that let pruned weights regrow: the zeros hold until the gradient moves them.
+    """
+    param = (
+        module.parametrizations[tensor_name].original
+        if parametrize.is_parametrized(module, tensor_name)
+        else getattr(module, tensor_name)
+    )
+    keep = (keep != 0).to(param)
+    param.mul_(keep)
+    zero_optimizer_state(optimizers, param, keep.expand_as(param))

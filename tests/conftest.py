@@ -1,0 +1,74 @@
+"""Shared fixtures: compose the real config and shrink it; run train.py in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# One short step of anything: one epoch, a few batches, CPU, CSV logs only.
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.accelerator=cpu",
+    "logger=csv",
+]
+
+
+def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """The real ``train.yaml`` with ``overrides``, with Hydra's runtime fields filled in."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+            cfg.hydra.runtime.cwd = str(ROOT)
+            cfg.hydra.job.override_dirname = "test"
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def run_train_inprocess(overrides: list[str], output_dir: Path) -> dict:
+    """Run ``train.run`` in this process on the composed config; returns summary.json."""
+    import train
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cfg = compose_config(overrides, output_dir)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    train.run(cfg)
+    return json.loads((output_dir / "summary.json").read_text())
+
+
+def run_train_cli(args: list[str], cwd: Path = ROOT, timeout: float = 600, env: dict | None = None):
+    """``python train.py ARGS`` in a subprocess, as a user types it."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "")}
+    full_env.pop("WANDB_API_KEY", None)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+
+
+@pytest.fixture
+def fast() -> list[str]:
+    return list(FAST)
