@@ -199,15 +199,43 @@ def run(cfg: DictConfig) -> float:
     return float(summary["test/acc"])
 
 
+def config_error_in(err: BaseException) -> ConfigError | None:
+    """The ConfigError behind ``err``, also when Hydra's instantiate wrapped it."""
+    while err is not None:
+        if isinstance(err, ConfigError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def check_group_choices(argv: list[str], conf_dir: Path = Path(__file__).parent / "conf") -> None:
+    """``norm=banana`` -> one line naming the group, the value and the options, before Hydra
+    composes anything (Hydra's own message spans a screen)."""
+    for arg in argv:
+        name, sep, value = arg.lstrip("+~").partition("=")
+        group_dir = conf_dir / name
+        if not sep or "." in name or "/" in name or not group_dir.is_dir() or not value:
+            continue
+        options = sorted(p.stem for p in group_dir.glob("*.yaml"))
+        for choice in value.split(","):
+            if choice not in options and choice != "null":
+                print(f"error: {name}={choice!r} is not allowed: one of {', '.join(options)}", file=sys.stderr)
+                sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)
-    except ConfigError as err:
+    except Exception as err:
+        user_error = config_error_in(err)
+        if user_error is None:
+            raise
         # A user's mistake: one line, no traceback, non-zero exit.
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {user_error}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
 if __name__ == "__main__":
+    check_group_choices(sys.argv[1:])
     main()

@@ -1,0 +1,96 @@
+"""The foundation as a user meets it: train.py runs, writes its outputs, and refuses bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import FAST, ROOT, run_train_cli, run_train_inprocess
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+def test_default_run_writes_every_output(tmp_path: Path):
+    summary = run_train_inprocess(FAST, tmp_path)
+    for key in ("test/acc", "test/f1", "params/total", "params/nonzero", "sparsity/global", "sparsity/layers", "norm", "seed", "duration_s"):
+        assert key in summary, key
+    assert summary["norm"] == "batch" and summary["seed"] == 0
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    net = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "state_dict" in ckpt
+
+
+@pytest.mark.slow
+def test_default_experiment_reaches_95_percent(tmp_path: Path):
+    summary = run_train_inprocess(["trainer.accelerator=cpu"], tmp_path)
+    assert summary["test/acc"] >= 0.95
+
+
+@pytest.mark.parametrize("name", ["GunPoint", "ArrowHead", "BasicMotions"])
+def test_ucr_baseline_trains_and_tests(tmp_path: Path, name: str):
+    summary = run_train_inprocess(["+experiment=ucr_baseline", f"data.name={name}", *FAST], tmp_path)
+    assert 0.0 <= summary["test/acc"] <= 1.0 and summary["data"] == name
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_runs_one_short_step(tmp_path: Path, name: str):
+    summary = run_train_inprocess([f"+experiment={name}", *FAST], tmp_path)
+    assert "test/acc" in summary
+
+
+def test_multirun_over_norms_gives_one_directory_each(tmp_path: Path):
+    result = run_train_cli(
+        ["-m", "norm=batch,instance,group,layer", *FAST, "trainer.limit_train_batches=2", f"hydra.sweep.dir={tmp_path}"]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summaries = sorted(tmp_path.glob("*/summary.json"))
+    assert len(summaries) == 4
+    assert sorted(json.loads(p.read_text())["norm"] for p in summaries) == ["batch", "group", "instance", "layer"]
+
+
+def test_tensorboard_logs_loss_and_accuracy_curves(tmp_path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_train_inprocess([*FAST, "logger=tensorboard", "trainer.max_epochs=2", "trainer.log_every_n_steps=1"], tmp_path)
+    events = list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss_step", "train/acc", "val/acc"} <= tags
+    assert len(acc.Scalars("train/acc")) == 2
+
+
+def test_wandb_without_credentials_goes_offline_promptly(tmp_path: Path):
+    result = run_train_cli(
+        [*FAST, "logger=wandb", f"hydra.run.dir={tmp_path}"],
+        env={"WANDB_MODE": "", "HOME": str(tmp_path), "NETRC": str(tmp_path / "none")},
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline run directory"
+    assert (tmp_path / "summary.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["norm=banana"], "norm='banana' is not allowed: one of batch"),
+        (["+experiment=ucr_baseline", "data.name=NotASet"], "data.name='NotASet'"),
+        (["trainer.max_epochs=="], "trainer.max_epochs"),
+        (["seed=-3"], "seed=-3"),
+        (["data.batch_size=0"], "data.batch_size=0"),
+        (["ckpt_path=/no/such/file.ckpt"], "ckpt_path="),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_no_summary(tmp_path: Path, args: list[str], needle: str):
+    result = run_train_cli([*args, *FAST, f"hydra.run.dir={tmp_path}"], timeout=120)
+    assert result.returncode != 0
+    assert needle in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "summary.json").exists()
