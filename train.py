@@ -67,6 +67,30 @@ def validate(cfg: DictConfig) -> None:
             ) from None
 
 
+def ddp_child_command(local_rank: int) -> tuple[list[str], str]:
+    """The command Lightning runs for each extra DDP process: this job's overrides, in this job's
+    folder. Lightning's own uses ``sys.argv``, which in a multirun (``-m a=1,2``) would start the
+    whole sweep again in every child and write to the single-run folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    command = [
+        sys.executable,
+        str(Path(sys.argv[0]).resolve()),
+        *hc.overrides.task,
+        f'hydra.run.dir="{hc.runtime.output_dir}"',
+        f"hydra.job.name=train_ddp_process_{local_rank}",
+        "hydra.output_subdir=null",
+    ]
+    return command, hc.runtime.cwd
+
+
+def use_job_scoped_ddp_children() -> None:
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    subprocess_script._hydra_subprocess_cmd = ddp_child_command
+
+
 def build_plugins(cfg: DictConfig) -> list[L.Callback]:
     """Constraints first, then sparsity, then pruning: the documented order on a shared tensor."""
     plugins = []
@@ -138,8 +162,23 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def run(cfg: DictConfig) -> float:
+    """One job, leaving the process as it found it: a multirun runs many jobs in one process."""
+    environ = dict(os.environ)
+    try:
+        return train(cfg)
+    finally:
+        # Lightning leaves the process group and LOCAL_RANK/MASTER_PORT behind after DDP; the next
+        # job of a sweep would join the old, finished group.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def train(cfg: DictConfig) -> float:
     started = time.time()
     validate(cfg)
+    use_job_scoped_ddp_children()
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -164,6 +203,8 @@ def run(cfg: DictConfig) -> float:
 
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        # The last validation epoch's metrics: what a sweeper optimizes (optimized_metric).
+        val_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     finally:
         for logger in loggers:
@@ -177,6 +218,7 @@ def run(cfg: DictConfig) -> float:
         return float(test_metrics["test/acc"])
     net = module.net
     summary: dict[str, Any] = {
+        **val_metrics,
         **{k: float(v) for k, v in test_metrics.items()},
         "params/total": sum(p.numel() for p in net.parameters()),
         "params/nonzero": sum(int((p != 0).sum()) for p in net.parameters()),
@@ -196,7 +238,16 @@ def run(cfg: DictConfig) -> float:
     write_json(output_dir / "summary.json", summary)
     log.info("test/acc=%.4f  outputs in %s", summary["test/acc"], output_dir)
     print(f"test/acc={summary['test/acc']:.4f}  summary: {output_dir / 'summary.json'}", flush=True)
-    return float(summary["test/acc"])
+    return optimized_value(cfg, summary)
+
+
+def optimized_value(cfg: DictConfig, summary: dict[str, Any]) -> float:
+    """The value a sweeper maximizes or minimizes: ``summary[cfg.optimized_metric]``."""
+    key = cfg.get("optimized_metric") or "test/acc"
+    if key not in summary:
+        numeric = sorted(k for k, v in summary.items() if isinstance(v, (int, float)))
+        raise ConfigError("optimized_metric", key, f"a metric of this run: {', '.join(numeric)}")
+    return float(summary[key])
 
 
 def config_error_in(err: BaseException) -> ConfigError | None:
