@@ -111,6 +111,27 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return loggers
 
 
+class RandomState(L.Callback):
+    """Saves torch's and Python's random states in every checkpoint and restores them on resume,
+    so that dropout draws after a resume are those of the run that was never stopped."""
+
+    def state_dict(self) -> dict[str, Any]:
+        import random
+
+        state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        import random
+
+        torch.set_rng_state(state_dict["torch"])
+        random.setstate(tuple(state_dict["python"]) if not isinstance(state_dict["python"], tuple) else state_dict["python"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
 class EpochLine(L.Callback):
     """Prints one plain line per epoch when stdout is not a terminal (CI, files, SLURM logs)."""
 
@@ -132,7 +153,12 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, plugins: list[L.Callback]
         save_last=True,
         save_top_k=0,
     )
-    callbacks: list[L.Callback] = [*plugins, checkpoint]
+    extra = [
+        hydra.utils.instantiate(node, _convert_="all")
+        for node in (cfg.get("callbacks") or {}).values()
+        if node
+    ]
+    callbacks: list[L.Callback] = [*plugins, *extra, RandomState(), checkpoint]
     if sys.stdout.isatty():
         callbacks.append(RichProgressBar(leave=True))
     else:

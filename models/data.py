@@ -8,7 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from plugins.errors import ConfigError
 
@@ -37,6 +37,26 @@ def _per_sample_gain(n: int, spread: float, seed: int) -> torch.Tensor:
     """Gains log-uniform in [1/spread, spread], one per sample, fixed by the seed."""
     g = torch.Generator().manual_seed(seed)
     return torch.exp((torch.rand(n, generator=g) * 2 - 1) * np.log(spread))
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch): a run resumed at epoch k sees the same order
+    as the run that was never stopped. Lightning calls ``set_epoch`` before each epoch."""
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.length
 
 
 class _ArrayDataModule(L.LightningDataModule):
@@ -80,13 +100,12 @@ class _ArrayDataModule(L.LightningDataModule):
         self.splits[split] = TensorDataset(xt, torch.as_tensor(y, dtype=torch.long))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
+        dataset = self.splits[split]
         return DataLoader(
-            self.splits[split],
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochSeededSampler(len(dataset), self.seed) if shuffle else None,
             num_workers=self.num_workers,
-            generator=g if shuffle else None,
             persistent_workers=self.num_workers > 0,
         )
 
