@@ -8,11 +8,21 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from plugins.errors import ConfigError
 from plugins.norm import NormFactory
 
 __all__ = ["DigitsCNN", "FCN1d", "ResNet1d", "ResidualBlock1d"]
 
 Norm = Callable[..., nn.Module]
+
+
+def _check_widths(key: str, values: Sequence[int], count: int | None = None) -> list[int]:
+    values = list(values)
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values) and values
+    if not ok or (count is not None and len(values) != count):
+        allowed = f"{count} positive integers" if count else "a non-empty list of positive integers"
+        raise ConfigError(key, values, allowed)
+    return values
 
 
 def _block(conv: nn.Module, norm: nn.Module) -> nn.Sequential:
@@ -33,7 +43,9 @@ class DigitsCNN(nn.Module):
     ) -> None:
         super().__init__()
         norm = norm or NormFactory("batch")
-        w1, w2, w3 = widths
+        w1, w2, w3 = _check_widths("model.widths", widths, 3)
+        if not 0 <= dropout < 1:
+            raise ConfigError("model.dropout", dropout, "a number in [0, 1)")
         self.features = nn.Sequential(
             _block(nn.Conv2d(in_channels, w1, 3, padding=1, bias=False), norm(w1, 2, "features.0.1")),
             _block(nn.Conv2d(w1, w2, 3, padding=1, bias=False), norm(w2, 2, "features.1.1")),
@@ -61,6 +73,8 @@ class FCN1d(nn.Module):
     ) -> None:
         super().__init__()
         norm = norm or NormFactory("batch")
+        widths = _check_widths("model.widths", widths)
+        kernels = _check_widths("model.kernels", kernels, len(widths))
         layers, channels = [], in_channels
         for i, (width, kernel) in enumerate(zip(widths, kernels)):
             conv = nn.Conv1d(channels, width, kernel, padding="same", bias=False)
@@ -115,6 +129,8 @@ class ResNet1d(nn.Module):
     ) -> None:
         super().__init__()
         norm = norm or NormFactory("batch")
+        widths = _check_widths("model.widths", widths)
+        kernels = _check_widths("model.kernels", kernels)
         blocks, channels = [], in_channels
         for i, width in enumerate(widths):
             blocks.append(ResidualBlock1d(channels, width, kernels, norm, f"blocks.{i}"))

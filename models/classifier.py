@@ -7,9 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
+
+from plugins.errors import ConfigError
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 __all__ = ["Classifier"]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class Classifier(L.LightningModule):
@@ -34,6 +40,12 @@ class Classifier(L.LightningModule):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
+        if not _is_number(lr) or lr <= 0:
+            raise ConfigError("module.lr", lr, "a number > 0")
+        if not _is_number(weight_decay) or weight_decay < 0:
+            raise ConfigError("module.weight_decay", weight_decay, "a number >= 0")
+        if not _is_number(label_smoothing) or not 0 <= label_smoothing < 1:
+            raise ConfigError("module.label_smoothing", label_smoothing, "a number in [0, 1)")
         self.save_hyperparameters(ignore=["net"])
         self.net = net
         metrics = MetricCollection(

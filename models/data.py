@@ -79,6 +79,8 @@ class _ArrayDataModule(L.LightningDataModule):
             random_gain != 0 and random_gain < 1
         ):
             raise ConfigError("data.random_gain", random_gain, "0 (off) or a spread >= 1")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError("data.num_workers", num_workers, "an integer >= 0")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.denoise_lambda = float(denoise_lambda)
