@@ -4,19 +4,25 @@ The three uses (sparsify, prune, constrain) stand on shared pieces: ``schedules`
 value), ``selection`` (which tensors), ``masks`` (the parametrization mechanism) and ``errors``.
 """
 
+from plugins.compaction import compact
 from plugins.errors import ConfigError
 from plugins.masks import Mask, bake
-from plugins.norm import NormFactory
+from plugins.norm import NormFactory, NormSwapReport, swap_norm
 from plugins.schedules import Schedule, build_schedule
 from plugins.selection import Target, select_parameters
+from plugins.structured import StructuredPruning
 
 __all__ = [
     "ConfigError",
     "Mask",
     "bake",
     "NormFactory",
+    "NormSwapReport",
+    "swap_norm",
     "Schedule",
     "build_schedule",
     "Target",
     "select_parameters",
+    "StructuredPruning",
+    "compact",
 ]

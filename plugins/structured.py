@@ -1,0 +1,447 @@
+"""Structured pruning on a schedule: whole slices (channels) of conv and linear weights.
+
+``method="random"`` follows ``torch.nn.utils.prune.RandomStructured`` (new slices are drawn
+uniformly among those not pruned yet), ``"l1"``/``"l2"`` follow ``LnStructured`` (the slices with
+the smallest L1/L2 norm along ``dim`` go). The scheduled value is the fraction of slices pruned
+(a float in [0, 1]) or, when ``schedule.end`` is an integer, their count. Pruning only grows: a
+pruned slice stays pruned when the schedule goes down.
+
+Coupling (``dim=0``): masking a conv's output channel leaves the norm after it emitting a constant
+(``beta - mean * gamma / std``), so the masked model would differ from its compacted twin. With
+``dim=0`` the callback therefore prunes per dependency group, as Torch-Pruning does: the group of
+a layer (from :func:`plugins.compaction.coupled_groups`) holds the layers whose outputs are added
+to it (residual shortcuts) and the norm layers after them; all of them share one channel mask, and
+the layers' biases and the norms' scale and shift are masked too. The group's score for ``l1``/
+``l2`` is the norm of the slices of all its layers together. A group must be selected whole (all
+its conv/linear layers, or none); the model's output layer cannot lose output channels.
+
+Randomness: the draw for layer group ``g`` at update ``u`` uses a ``torch.Generator`` seeded from
+``(seed, u, g)``; ``u`` (the number of updates so far) is in the checkpoint, so every DDP rank and
+every resumed run draws the same channels.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from plugins.compaction import CONV_LINEAR, compact, coupled_groups
+from plugins.errors import ConfigError
+from plugins.masks import ensure_mask, get_mask, set_mask
+from plugins.scheduled import ScheduledMasking
+from plugins.schedules import Schedule
+from plugins.selection import DEFAULT_MODULE_TYPES, Target
+
+__all__ = ["METHODS", "StructuredPruning", "slices_to_prune", "select_slices"]
+
+METHODS = ("random", "l1", "l2")
+
+
+def slices_to_prune(value: float, n: int, count_mode: bool) -> int:
+    """How many of ``n`` slices a scheduled ``value`` prunes (torch.prune's rounding)."""
+    return int(round(value)) if count_mode else int(round(value * n))
+
+
+def select_slices(
+    method: str,
+    weights: list[torch.Tensor],
+    dim: int,
+    keep: torch.Tensor,
+    prune: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The new keep vector (bool, one entry per slice along ``dim``) with ``prune`` slices pruned.
+
+    Pure: ``weights`` are the tensors sharing the slices (one, or a coupled group), ``keep`` the
+    current keep vector. Already pruned slices stay pruned; nothing changes when ``prune`` is not
+    above their number.
+    """
+    n = keep.numel()
+    already = int((~keep).sum())
+    if prune <= already:
+        return keep.clone()
+    if method == "random":
+        kept = keep.nonzero().flatten()
+        order = torch.randperm(kept.numel(), generator=generator)
+        new = keep.clone()
+        new[kept[order[: prune - already]]] = False
+        return new
+    p = 1 if method == "l1" else 2
+    norms = []
+    for w in weights:
+        dims = [d for d in range(w.dim()) if d != dim % w.dim()]
+        norms.append(torch.linalg.vector_norm(w.detach().float(), ord=p, dim=dims).cpu())
+    score = norms[0] if len(norms) == 1 else torch.stack(norms).pow(p).sum(0).pow(1.0 / p)
+    score = score.masked_fill(~keep, -1.0)  # already pruned slices stay pruned
+    new = torch.zeros(n, dtype=torch.bool)
+    new[torch.topk(score, k=n - prune, largest=True).indices] = True
+    return new
+
+
+@dataclass
+class _Unit:
+    """Slices pruned together: the selected weights sharing one keep vector, plus coupled
+    tensors (biases, norm scale and shift) that follow it."""
+
+    name: str
+    size: int
+    members: list[Target]
+    extras: list[tuple[str, nn.Module, str]] = field(default_factory=list)
+
+
+class StructuredPruning(ScheduledMasking):
+    """Scheduled structured pruning of whole slices, for any LightningModule.
+
+    Args:
+        method: ``"random"``, ``"l1"`` or ``"l2"``.
+        schedule: a :class:`Schedule` or a mapping; its value is the fraction of slices pruned in
+            [0, 1], or a count when ``schedule.end`` is an integer.
+        amount: shortcut for a constant schedule from epoch 0 (give this or ``schedule``).
+        dim: the dimension whose slices are pruned (0 = output channels, 1 = input channels, ...).
+        include: globs on qualified parameter names.
+        exclude: globs to leave out (the model's output layer, e.g. ``"*head*"``).
+        module_types: module class names whose tensors may be selected.
+        seed: seed of the random choice; ``None`` = the run's global seed (``PL_GLOBAL_SEED``).
+        couple: with ``dim=0``, prune per dependency group and mask biases and norms too (so the
+            masked model equals its compacted twin).
+        compact: at the end of ``fit``, remove the pruned channels for real (before ``test``).
+        example_input_shape: input shape for tracing when the module has no
+            ``example_input_array`` and no datamodule to take a batch from.
+        bake_at_end: remove the mask parametrizations at the end of ``fit``.
+        key: the config key named in errors and logged metrics.
+    """
+
+    def __init__(
+        self,
+        method: str = "l1",
+        schedule: Schedule | dict[str, Any] | None = None,
+        amount: float | int | None = None,
+        dim: int = 0,
+        include: list[str] | str = ("*weight",),
+        exclude: list[str] | str = (),
+        module_types: list[str] | None = DEFAULT_MODULE_TYPES,
+        seed: int | None = None,
+        couple: bool = True,
+        compact: bool = False,
+        example_input_shape: list[int] | None = None,
+        bake_at_end: bool = True,
+        key: str = "pruning",
+    ) -> None:
+        if method not in METHODS:
+            raise ConfigError(f"{key}.method", method, f"one of {', '.join(METHODS)}")
+        if (schedule is None) == (amount is None):
+            raise ConfigError(
+                f"{key}.amount", amount, "either amount or schedule, not both and not neither"
+            )
+        if amount is not None:
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+                raise ConfigError(f"{key}.amount", amount, "a fraction in [0, 1] or a whole count")
+            schedule = Schedule(kind="constant", start=amount, end=amount)
+        super().__init__(
+            schedule,
+            include,
+            exclude,
+            module_types,
+            persistent=True,
+            bake_at_end=bake_at_end,
+            key=key,
+        )
+        s = self.schedule
+        self.count_mode = isinstance(s.end, int)
+        where = f"{key}.amount" if amount is not None else f"{key}.schedule.end"
+        for name, v in (("start", s.start), ("end", s.end)):
+            bad = (v < 0 or v != int(v)) if self.count_mode else not 0.0 <= v <= 1.0
+            if bad:
+                allowed = (
+                    "a whole count >= 0"
+                    if self.count_mode
+                    else "a fraction in [0, 1] (or an integer count)"
+                )
+                raise ConfigError(
+                    where if name == "end" or amount is not None else f"{key}.schedule.{name}",
+                    v,
+                    allowed,
+                )
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise ConfigError(f"{key}.dim", dim, "an integer dimension (0 = output channels)")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ConfigError(f"{key}.seed", seed, "null or an integer >= 0")
+        for name, v in (("couple", couple), ("compact", compact)):
+            if not isinstance(v, bool):
+                raise ConfigError(f"{key}.{name}", v, "true or false")
+        if example_input_shape is not None and (
+            not isinstance(example_input_shape, (list, tuple))
+            or not all(isinstance(d, int) and d > 0 for d in example_input_shape)
+        ):
+            raise ConfigError(
+                f"{key}.example_input_shape", example_input_shape, "null or a list of sizes > 0"
+            )
+        self.method = method
+        self.dim = dim
+        self.seed = seed
+        self.couple = couple
+        self.compact = compact
+        self.example_input_shape = list(example_input_shape) if example_input_shape else None
+        self.units: list[_Unit] = []
+        self.compaction: dict[str, Any] | None = None
+        self._example: Any = None
+
+    # --- the sparsifier ---------------------------------------------------------------------------
+
+    def mask_shape(self, target: Target) -> tuple[int, ...]:
+        shape = [1] * target.raw.dim()
+        shape[self.dim % target.raw.dim()] = target.raw.shape[self.dim]
+        return tuple(shape)
+
+    def validate_targets(self, targets: list[Target]) -> None:
+        for t in targets:
+            ndim = t.raw.dim()
+            if not -ndim <= self.dim < ndim:
+                raise ConfigError(
+                    f"{self.key}.dim",
+                    self.dim,
+                    f"a dimension of {t.name} (shape {tuple(t.raw.shape)})",
+                )
+
+    def _keep_of(self, unit: _Unit) -> torch.Tensor:
+        mask = get_mask(unit.members[0].module, unit.members[0].tensor_name)
+        if mask is None:
+            return torch.ones(unit.size, dtype=torch.bool)
+        return mask.mask.detach().flatten().cpu() != 0
+
+    def compute_keep(self, value: float) -> dict[str, torch.Tensor]:
+        update = len(self.history)  # in the checkpoint: the same on every rank and after resume
+        keep: dict[str, torch.Tensor] = {}
+        for index, unit in enumerate(self.units):
+            generator = None
+            if self.method == "random":
+                generator = torch.Generator().manual_seed(
+                    (int(self._seed) * 1_000_003 + update * 10_007 + index) % (2**63 - 1)
+                )
+            prune = min(slices_to_prune(value, unit.size, self.count_mode), unit.size - 1)
+            new = select_slices(
+                self.method,
+                [m.tensor for m in unit.members],
+                self.dim,
+                self._keep_of(unit),
+                prune,
+                generator,
+            )
+            for member in unit.members:
+                keep[member.name] = new.view(self.mask_shape(member))
+        return keep
+
+    def apply(self, value: float, optimizers: list[torch.optim.Optimizer] = ()) -> None:
+        super().apply(value, optimizers)
+        self._sync_extras(optimizers)
+
+    def _sync_extras(self, optimizers: list[torch.optim.Optimizer] = ()) -> None:
+        for unit in self.units:
+            keep = self._keep_of(unit)
+            for _, module, tensor_name in unit.extras:
+                if get_mask(module, tensor_name) is not None:
+                    set_mask(
+                        module,
+                        tensor_name,
+                        keep.to(getattr(module, tensor_name).device),
+                        optimizers,
+                    )
+
+    def _restore_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        super()._restore_masks(masks)
+        self._sync_extras()
+
+    # --- set-up: units, coupling, bad input -------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.targets:
+            return
+        if self.seed is None:
+            self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        super().setup(trainer, pl_module, stage)
+        if self.compact or (self.couple and self.dim == 0):
+            self._example = self._example_inputs(trainer, pl_module)
+        self.units = self._build_units(pl_module)
+        self._check_amounts()
+        for unit in self.units:
+            for _, module, tensor_name in unit.extras:
+                ensure_mask(module, tensor_name)
+        self._sync_extras()
+
+    @property
+    def _seed(self) -> int:
+        return int(self.seed if self.seed is not None else os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def _build_units(self, pl_module: nn.Module) -> list[_Unit]:
+        if not (self.couple and self.dim == 0):
+            return [_Unit(t.name, t.raw.shape[self.dim], [t]) for t in self.targets]
+        by_module = {}
+        for t in self.targets:
+            if t.tensor_name != "weight" or not isinstance(t.module, CONV_LINEAR):
+                raise ConfigError(
+                    f"{self.key}.targets",
+                    t.name,
+                    "Conv/Linear weights when dim=0 and couple=true (biases, norms follow)",
+                )
+            by_module[t.module] = t
+        names = {m: n for n, m in pl_module.named_modules()}
+        units, seen = [], set()
+        for group in coupled_groups(
+            pl_module, self._example, key=f"{self.key}.example_input_shape"
+        ):
+            chosen = [by_module[m] for m in group.producers if m in by_module]
+            if not chosen:
+                continue
+            first = chosen[0].name
+            if group.is_output:
+                raise ConfigError(
+                    f"{self.key}.exclude",
+                    self.exclude,
+                    f"a list that leaves out the model's output layer ({first}): "
+                    "its output channels are the outputs",
+                )
+            missing = [names[m] for m in group.producers if m not in by_module]
+            if missing:
+                raise ConfigError(
+                    f"{self.key}.targets",
+                    missing[0],
+                    f"selected together with {first}: their output channels are added "
+                    "(residual) and "
+                    "are pruned as one group; select all of the group or none",
+                )
+            if not group.identity:
+                raise ConfigError(
+                    f"{self.key}.targets",
+                    first,
+                    "layers whose channels map one to one in their group (no concatenation)",
+                )
+            extras = []
+            for m in group.producers:
+                if m.bias is not None:
+                    extras.append((f"{names[m]}.bias", m, "bias"))
+            for m in group.norms:
+                for tensor_name in ("weight", "bias"):
+                    p = getattr(m, tensor_name, None)
+                    if isinstance(p, torch.Tensor) and p.dim() == 1 and p.shape[0] == group.size:
+                        extras.append((f"{names[m]}.{tensor_name}", m, tensor_name))
+            units.append(_Unit(first, group.size, chosen, extras))
+            seen.update(t.module for t in chosen)
+        untraced = [t.name for t in self.targets if t.module not in seen]
+        if untraced:
+            raise ConfigError(
+                f"{self.key}.targets",
+                untraced[0],
+                "layers the dependency graph traces (called as modules in forward)",
+            )
+        return units
+
+    def _check_amounts(self) -> None:
+        peak = max(self.schedule.start, self.schedule.end)
+        key = f"{self.key}.schedule.end"
+        for unit in self.units:
+            prune = slices_to_prune(peak, unit.size, self.count_mode)
+            if prune > unit.size:
+                raise ConfigError(
+                    key,
+                    peak,
+                    f"a count <= the {unit.size} slices of {unit.name} along dim {self.dim}",
+                )
+            if prune >= unit.size:
+                raise ConfigError(
+                    key,
+                    peak,
+                    f"an amount that leaves at least one of the {unit.size} slices of {unit.name} "
+                    f"along dim {self.dim} (pruning all of them removes the layer)",
+                )
+
+    def _example_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+        device = next(pl_module.parameters()).device
+        if self.example_input_shape:
+            return torch.randn(self.example_input_shape, device=device)
+        if pl_module.example_input_array is not None:
+            return pl_module.example_input_array
+        datamodule = getattr(trainer, "datamodule", None)
+        sources = [
+            # What fit() was given (dataloaders, a datamodule or the module's own hook).
+            lambda: trainer.fit_loop._data_source.dataloader(),
+            *(
+                getattr(datamodule, n)
+                for n in ("train_dataloader", "val_dataloader", "test_dataloader")
+                if datamodule is not None
+            ),
+        ]
+        for source in sources:
+            try:
+                batch = next(iter(source()))
+            except Exception:  # noqa: BLE001 - try the next source
+                continue
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if torch.is_tensor(x):
+                return x[:2].to(device)
+        raise ConfigError(
+            f"{self.key}.example_input_shape",
+            None,
+            "the input shape to trace the model with (e.g. [2, 1, 8, 8]): the module has no "
+            "example_input_array and no datamodule batch could be read",
+        )
+
+    # --- hooks ------------------------------------------------------------------------------------
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.history:
+            kept = {f"{self.key}/kept/{u.name}": float(self._keep_of(u).sum()) for u in self.units}
+            pl_module.log_dict(kept, on_step=False, on_epoch=True, sync_dist=False)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._channels = self.channels()
+        super().on_fit_end(trainer, pl_module)
+        if self.bake_at_end:
+            for unit in self.units:
+                for _, module, tensor_name in unit.extras:
+                    if parametrize.is_parametrized(module, tensor_name):
+                        parametrize.remove_parametrizations(
+                            module, tensor_name, leave_parametrized=True
+                        )
+        if self.compact:
+            example = self._example
+            if torch.is_tensor(example):
+                example = example.to(next(pl_module.parameters()).device)
+            _, report = compact(pl_module, example, key=f"{self.key}.compact")
+            self.compaction = report
+
+    def channels(self) -> dict[str, str]:
+        """Target name -> "kept/total" slices along ``dim``."""
+        out = {}
+        for unit in self.units:
+            keep = self._keep_of(unit)
+            for member in unit.members:
+                out[member.name] = f"{int(keep.sum())}/{unit.size}"
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["seed"] = self.seed
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("seed") is not None:
+            self.seed = int(state_dict["seed"])
+        super().load_state_dict(state_dict)
+
+    def summary(self) -> dict[str, Any]:
+        out = super().summary()
+        out[f"{self.key}/channels"] = getattr(self, "_channels", None) or self.channels()
+        if self.compaction is not None:
+            out["compaction"] = {
+                k: self.compaction[k]
+                for k in ("params_before", "params_after", "macs_before", "macs_after", "speedup")
+                if k in self.compaction
+            }
+        return out
