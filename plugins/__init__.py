@@ -6,6 +6,7 @@ value), ``selection`` (which tensors), ``masks`` (the parametrization mechanism)
 
 from plugins.compaction import compact
 from plugins.errors import ConfigError
+from plugins.hardshrink import HardshrinkSparsifier
 from plugins.masks import Mask, bake
 from plugins.norm import NormFactory, NormSwapReport, swap_norm
 from plugins.schedules import Schedule, build_schedule
@@ -13,6 +14,7 @@ from plugins.selection import Target, select_parameters
 from plugins.structured import StructuredPruning
 
 __all__ = [
+    "HardshrinkSparsifier",
     "ConfigError",
     "Mask",
     "bake",

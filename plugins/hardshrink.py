@@ -1,0 +1,238 @@
+"""Scheduled hardshrink sparsification: ``w -> hardshrink(w, lambda)`` on a schedule, kept by masks.
+
+``torch.nn.functional.hardshrink(w, lambd)`` keeps ``w`` where ``|w| > lambd`` and zeroes it
+elsewhere: applied to weights during training it is magnitude pruning by threshold. The schedule
+gives lambda directly (``mode="threshold"``) or a target fraction of zeros from which lambda is
+derived (``mode="sparsity"``), per tensor (``scope="layer"``) or one lambda over every selected
+tensor (``scope="global"``). The masks go through :mod:`plugins.masks` (shared with structured
+pruning), so zeros stay exactly zero with any optimizer, checkpoints hold sparse weights, and a
+resumed run continues the schedule with its masks.
+
+    from plugins.hardshrink import HardshrinkSparsifier
+    sparsifier = HardshrinkSparsifier(
+        schedule={"kind": "cubic", "start": 0.0, "end": 0.9, "begin_epoch": 1, "end_epoch": 10},
+        mode="sparsity", scope="global",
+    )
+    trainer = L.Trainer(callbacks=[sparsifier])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from typing_extensions import override
+
+from plugins.errors import ConfigError
+from plugins.masks import sparsity
+from plugins.scheduled import ScheduledMasking
+from plugins.schedules import Schedule, build_schedule
+from plugins.selection import DEFAULT_MODULE_TYPES, Target
+from plugins.thresholds import threshold_for_sparsity
+
+__all__ = ["HardshrinkSparsifier", "MODES", "SCOPES", "hardshrink_keep"]
+
+MODES = ("threshold", "sparsity")
+SCOPES = ("layer", "global")
+_TARGET_KEYS = ("include", "exclude", "module_types")
+
+
+@torch.no_grad()
+def hardshrink_keep(
+    targets: list[Target], mode: str, scope: str, value: float
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The pure decision: which entries survive ``hardshrink`` for a scheduled ``value``.
+
+    Returns ``(keep, lambdas)``: a bool tensor ``|w| > lambda`` per target name, and the lambda used
+    per target name. In threshold mode ``value`` is lambda; in sparsity mode it is the fraction of
+    zeros wanted, per tensor (``scope="layer"``) or over all of them together (``"global"``).
+    """
+    tensors = {t.name: t.tensor.detach() for t in targets}
+    if mode == "threshold":
+        lambdas = dict.fromkeys(tensors, float(value))
+    elif scope == "global":
+        lambdas = dict.fromkeys(tensors, threshold_for_sparsity(list(tensors.values()), value))
+    else:
+        lambdas = {name: threshold_for_sparsity([w], value) for name, w in tensors.items()}
+    keep = {name: w.abs() > lambdas[name] for name, w in tensors.items()}
+    return keep, lambdas
+
+
+class HardshrinkSparsifier(ScheduledMasking):
+    """Callback: scheduled hardshrink of selected weights, in any LightningModule.
+
+    At each update the schedule's value becomes a lambda and every selected weight with
+    ``|w| <= lambda`` is set to 0 and masked: the weights right after an update equal
+    ``F.hardshrink(w, lambda)`` exactly. Between updates the mask keeps them at 0 (their stored
+    value and their optimizer state are zeroed, and the gradient through the mask is 0). With
+    ``regrow=True`` no mask is kept: the zeros may come back between updates, and each update
+    (and the end of fit) thresholds afresh.
+
+    Logs at each epoch end through ``pl_module.log_dict``: ``{key}/value`` (the schedule's value:
+    lambda or target fraction), ``{key}/sparsity`` (reached over the selected weights),
+    ``{key}/lambda`` (the global lambda; per layer ``{key}/lambda/<name>`` with ``scope="layer"``)
+    and ``{key}/layer/<name>``.
+
+    Args:
+        schedule: a :class:`~plugins.schedules.Schedule` or a mapping (kind, start, end,
+            begin_epoch, end_epoch, every_n_steps, steps). Lambda (>= 0) in threshold mode, the
+            fraction of zeros (in [0, 1)) in sparsity mode.
+        mode: ``"threshold"`` or ``"sparsity"``.
+        scope: ``"layer"`` or ``"global"``; how lambda is derived in sparsity mode.
+        targets: ``{include, exclude, module_types}`` for
+            :func:`~plugins.selection.select_parameters`; default: the weights of
+            Conv1d/2d/3d and Linear layers (no biases, no norm parameters).
+        regrow: let pruned weights return between updates (no mask kept).
+        bake_at_end: remove the mask parametrizations at the end of fit, keeping the zeros.
+        key: names this callback in error messages, logged metrics and ``summary.json``.
+
+    Raises:
+        ConfigError: for a bad mode, scope, schedule value or targets key (here), a selection that
+            matches nothing or a selected weight holding NaN/Inf (in ``setup``).
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule | Mapping[str, Any],
+        mode: str = "threshold",
+        scope: str = "layer",
+        targets: Mapping[str, Any] | None = None,
+        regrow: bool = False,
+        bake_at_end: bool = True,
+        key: str = "sparsity",
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"{key}.mode", mode, f"one of {', '.join(MODES)}")
+        if scope not in SCOPES:
+            raise ConfigError(f"{key}.scope", scope, f"one of {', '.join(SCOPES)}")
+        if not isinstance(regrow, bool):
+            raise ConfigError(f"{key}.regrow", regrow, "true or false")
+        if not isinstance(bake_at_end, bool):
+            raise ConfigError(f"{key}.bake_at_end", bake_at_end, "true or false")
+        targets = dict(targets or {})
+        unknown = sorted(set(targets) - set(_TARGET_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"{key}.targets.{unknown[0]}",
+                targets[unknown[0]],
+                f"keys among {list(_TARGET_KEYS)}",
+            )
+        schedule = build_schedule(schedule, key=f"{key}.schedule")
+        for end in ("start", "end"):
+            value = getattr(schedule, end)
+            if mode == "threshold" and value < 0:
+                raise ConfigError(f"{key}.schedule.{end}", value, "a lambda >= 0 (mode=threshold)")
+            if mode == "sparsity" and not 0 <= value < 1:
+                raise ConfigError(
+                    f"{key}.schedule.{end}", value, "a fraction of zeros in [0, 1) (mode=sparsity)"
+                )
+        super().__init__(
+            schedule=schedule,
+            include=targets.get("include", ("*weight",)),
+            exclude=targets.get("exclude", ()),
+            module_types=targets.get("module_types", DEFAULT_MODULE_TYPES),
+            persistent=not regrow,
+            bake_at_end=bake_at_end,
+            key=key,
+        )
+        self.mode = mode
+        self.scope = scope
+        self.regrow = regrow
+        self.lambdas: dict[str, float] = {}
+
+    # --- the sparsifier ---------------------------------------------------------------------------
+
+    @override
+    def compute_keep(self, value: float) -> dict[str, torch.Tensor]:
+        keep, self.lambdas = hardshrink_keep(self.targets, self.mode, self.scope, value)
+        return keep
+
+    @override
+    def reached(self) -> dict[str, float]:
+        out = super().reached()
+        if self.mode == "threshold" or self.scope == "global":
+            out["lambda"] = next(iter(self.lambdas.values()), 0.0)
+        else:
+            out.update({f"lambda/{name}": lam for name, lam in self.lambdas.items()})
+        return out
+
+    # --- Lightning hooks --------------------------------------------------------------------------
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.regrow and self.history:
+            # Without masks the zeros may have grown back since the last update: threshold again,
+            # so that model.pt and summary.json hold the scheduled sparsity.
+            self.apply(self.history[-1]["value"], trainer.optimizers)
+            self.history.append({**self.history[-1], "step": trainer.global_step, **self.reached()})
+        super().on_fit_end(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "lambdas": dict(self.lambdas)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.lambdas = dict(state_dict.get("lambdas", {}))
+
+    # --- run outputs ------------------------------------------------------------------------------
+
+    @override
+    def summary(self) -> dict[str, Any]:
+        """``{key}/target``, ``{key}/selected`` (reached over the selected weights),
+        ``{key}/selected_layers`` (name -> fraction of zeros), ``{key}/lambda``, mode and scope."""
+        out = super().summary()
+        out[f"{self.key}/selected_layers"] = {t.name: sparsity([t.tensor]) for t in self.targets}
+        out[f"{self.key}/lambda"] = dict(self.lambdas)
+        out[f"{self.key}/mode"] = self.mode
+        out[f"{self.key}/scope"] = self.scope
+        out[f"{self.key}/updates"] = len(self.history)
+        return out
+
+    def save_plots(self, directory: str | Path) -> list[Path]:
+        """Write ``{key}_schedule.png`` (the schedule's target against the sparsity reached, per
+        update step) and ``{key}_layers.png`` (sparsity per selected tensor); returns the paths."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = [directory / f"{self.key}_schedule.png", directory / f"{self.key}_layers.png"]
+        steps = [h["step"] for h in self.history]
+        reached = [h["sparsity"] for h in self.history]
+        values = [h["value"] for h in self.history]
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.step(steps, reached, where="post", marker="o", label="reached sparsity")
+        if self.mode == "sparsity":
+            ax.plot(steps, values, "--", marker="x", label="target sparsity")
+        else:
+            twin = ax.twinx()
+            twin.plot(steps, values, "--", color="tab:orange", marker="x", label="lambda")
+            twin.set_ylabel("lambda")
+            twin.legend(loc="lower right")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("fraction of zeros (selected weights)")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"hardshrink, mode={self.mode}, scope={self.scope}")
+        ax.legend(loc="upper left")
+        fig.tight_layout()
+        fig.savefig(paths[0], dpi=100)
+        plt.close(fig)
+
+        names = [t.name for t in self.targets]
+        fig, ax = plt.subplots(figsize=(6, 0.4 * len(names) + 1.5))
+        ax.barh(names, [sparsity([t.tensor]) for t in self.targets])
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("fraction of zeros")
+        ax.invert_yaxis()
+        fig.tight_layout()
+        fig.savefig(paths[1], dpi=100)
+        plt.close(fig)
+        return paths

@@ -1,0 +1,91 @@
+"""With DDP on 2 CPU processes (gloo), every rank ends with the same masks and weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import lightning as L
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    from plugins.hardshrink import HardshrinkSparsifier
+    from plugins.masks import get_mask
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+            return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+
+    class Dump(L.Callback):
+        def __init__(self, sparsifier):
+            self.sparsifier = sparsifier
+
+        def on_train_end(self, trainer, pl_module):
+            targets = self.sparsifier.targets
+            masks = {t.name: get_mask(t.module, t.tensor_name).mask.clone() for t in targets}
+            weights = {t.name: t.tensor.detach().clone() for t in targets}
+            state = {"masks": masks, "weights": weights, "history": self.sparsifier.history}
+            torch.save(state, f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
+
+    L.seed_everything(0)
+    schedule = {"kind": "cubic", "start": 0.0, "end": 0.8, "begin_epoch": 0, "end_epoch": 2,
+                "every_n_steps": 2}
+    sparsifier = HardshrinkSparsifier(schedule, mode="sparsity", scope="global")
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[sparsifier, Dump(sparsifier)])
+    trainer.fit(Tiny())
+    """
+)
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_masks_are_identical_on_both_ddp_ranks(tmp_path: Path):
+    script = tmp_path / "ddp_hardshrink.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["history"] == ranks[1]["history"] and len(ranks[0]["history"]) >= 4
+    for name, mask in ranks[0]["masks"].items():
+        assert torch.equal(mask, ranks[1]["masks"][name]), name
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), name
+    assert (
+        0.79
+        < float((torch.cat([m.flatten() for m in ranks[0]["masks"].values()]) == 0).float().mean())
+        < 0.81
+    )
