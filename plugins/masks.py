@@ -86,13 +86,15 @@ def set_mask(
     keep: torch.Tensor,
     optimizers: Iterable[torch.optim.Optimizer] = (),
 ) -> None:
-    """Set the mask of ``module.tensor_name`` to ``keep`` (bool or 0/1, broadcastable).
+    """Drop the entries of ``module.tensor_name`` where ``keep`` is 0 (bool or 0/1, broadcastable).
 
-    Also zeroes the stored weight and the optimizer state at the dropped positions, so that nothing
-    brings them back between updates.
+    A mask only ever drops entries: ``keep`` is intersected with the mask already on the tensor, so
+    two callbacks sharing a tensor (hardshrink and structured pruning) never bring back each
+    other's zeros. Also zeroes the stored weight and the optimizer state at the dropped positions,
+    so that nothing brings them back between updates.
     """
     mask = get_mask(module, tensor_name) or ensure_mask(module, tensor_name, tuple(keep.shape))
-    mask.mask.copy_((keep != 0).to(mask.mask).expand_as(mask.mask))
+    mask.mask.mul_((keep != 0).to(mask.mask).expand_as(mask.mask))
     original = module.parametrizations[tensor_name].original
     original.mul_(mask.mask)
     zero_optimizer_state(optimizers, original, mask.mask)

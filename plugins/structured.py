@@ -213,7 +213,10 @@ class StructuredPruning(ScheduledMasking):
         mask = get_mask(unit.members[0].module, unit.members[0].tensor_name)
         if mask is None:
             return torch.ones(unit.size, dtype=torch.bool)
-        return mask.mask.detach().flatten().cpu() != 0
+        # The mask may be the full tensor's (shared with hardshrink): a slice is kept while any of
+        # its entries is.
+        m = mask.mask.detach()
+        return (m.movedim(self.dim % m.dim(), 0).reshape(unit.size, -1) != 0).any(dim=1).cpu()
 
     def compute_keep(self, value: float) -> dict[str, torch.Tensor]:
         update = len(self.history)  # in the checkpoint: the same on every rank and after resume

@@ -41,6 +41,18 @@ def _train_killed_and_resumed(tmp_path: Path, overrides: list[str], crash_step: 
     "overrides",
     [
         pytest.param([], id="no-plugins"),
+        pytest.param(
+            [
+                "sparsity=gmp",
+                "sparsity.schedule.begin_epoch=0",
+                "sparsity.schedule.end_epoch=3",
+                "sparsity.schedule.every_n_steps=2",
+                "pruning=random",
+                "pruning.schedule.begin_epoch=1",
+                "pruning.schedule.end_epoch=3",
+            ],
+            id="hardshrink+random-structured",
+        ),
     ],
 )
 def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, overrides: list[str]):
