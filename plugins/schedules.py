@@ -81,7 +81,7 @@ class Schedule:
                 raise ConfigError(f"schedule.{key}", value, "an integer >= 0")
         if self.end_epoch < self.begin_epoch:
             raise ConfigError(
-                "schedule.end_epoch", self.end_epoch, f">= schedule.begin_epoch ({self.begin_epoch})"
+                "schedule.end_epoch", self.end_epoch, f">= begin_epoch ({self.begin_epoch})"
             )
         if self.every_n_steps is not None and (
             isinstance(self.every_n_steps, bool)

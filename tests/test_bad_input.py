@@ -31,6 +31,21 @@ CASES = [
     (["model.widths=[32,64]"], "model.widths=[32, 64]"),
     # impossible combinations
     (["norm=group", "norm.num_groups=5"], "norm.num_groups=5 is not allowed: a divisor of the 32 channels"),
+    # sparsity
+    (["sparsity=hardshrink", "sparsity.schedule.end=-0.1"], "sparsity.schedule.end=-0.1 is not allowed: a lambda >= 0"),
+    (["sparsity=gmp", "sparsity.schedule.end=1.0"], "sparsity.schedule.end=1.0 is not allowed: a fraction of zeros in [0, 1)"),
+    (["sparsity=gmp", "sparsity.schedule.begin_epoch=5", "sparsity.schedule.end_epoch=2"], "sparsity.schedule.end_epoch=2"),
+    (["sparsity=gmp", "sparsity.targets.include=[nomatch*]"], "sparsity.targets.include='nomatch*'"),
+    (["sparsity=gmp", "sparsity.mode=fast"], "sparsity.mode='fast' is not allowed: one of threshold, sparsity"),
+    (["sparsity=gmp", "sparsity.schedule.every_n_steps=0"], "sparsity.schedule.every_n_steps=0"),
+    # structured pruning
+    (["pruning=l1", "pruning.schedule.end=1.5"], "pruning.schedule.end=1.5 is not allowed: a fraction in [0, 1]"),
+    (["pruning=l1", "pruning.dim=7"], "pruning.dim=7 is not allowed: a dimension of net.features.0.0.weight"),
+    (
+        ["pruning=l1", "pruning.schedule.end=1.0", "pruning.schedule.begin_epoch=0", "pruning.schedule.end_epoch=0"],
+        "an amount that leaves at least one of the",
+    ),
+    (["pruning=l1", "pruning.method=magic"], "pruning.method='magic' is not allowed: one of random, l1, l2"),
     # checkpoints
     (["ckpt_path=/no/such/file.ckpt"], "ckpt_path='/no/such/file.ckpt'"),
 ]
