@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import FAST, ROOT, run_train_cli
 
@@ -29,3 +32,72 @@ def test_multirun_with_ddp_leaves_exactly_one_directory_per_job(tmp_path: Path):
         summary = json.loads((sweep / job / "summary.json").read_text())
         assert summary["seed"] == int(job)
     assert not (tmp_path / "stray").exists(), "a DDP child wrote outside its job's folder"
+
+
+RANDOM_STRUCTURED = textwrap.dedent(
+    """
+    import sys
+    import lightning as L
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    from plugins import HardshrinkSparsifier, StructuredPruning
+    from plugins.masks import Mask
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+            return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+
+    class Dump(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            masks = {n: m.mask.clone() for n, m in pl_module.named_modules() if isinstance(m, Mask)}
+            torch.save(masks, f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
+
+    L.seed_everything(0)
+    window = {"begin_epoch": 0, "end_epoch": 2, "every_n_steps": 2}
+    callbacks = [
+        HardshrinkSparsifier({"kind": "linear", "start": 0.0, "end": 0.5, **window}, mode="sparsity", scope="global"),
+        StructuredPruning("random", {"kind": "linear", "start": 0.0, "end": 0.5, **window}, exclude=["*net.4*"], seed=7),
+        Dump(),
+    ]
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(Tiny())
+    """
+)
+
+
+@pytest.mark.slow
+def test_random_structured_and_hardshrink_masks_identical_on_both_ranks(tmp_path: Path):
+    script = tmp_path / "ddp_random.py"
+    script.write_text(RANDOM_STRUCTURED)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and len(rank0) >= 3
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    hidden = [m for n, m in rank0.items() if "net.2" in n and m.dim() == 2][0]
+    dropped_rows = int((hidden.reshape(hidden.shape[0], -1) == 0).all(dim=1).sum())
+    assert dropped_rows >= 16, "random structured pruning removed half the channels"
