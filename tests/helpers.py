@@ -14,3 +14,36 @@ class CrashAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             raise RuntimeError(f"killed at step {self.step}")
+
+
+class TinyClassifier(L.LightningModule):
+    """A three-layer MLP on 64 fixed random samples: the smallest real LightningModule, for tests
+    that spawn processes (DDP) and need seconds, not minutes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch import nn
+
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        import torch.nn.functional as F
+
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        import torch
+
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self):
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+        return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)

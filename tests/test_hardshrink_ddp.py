@@ -17,29 +17,13 @@ SCRIPT = textwrap.dedent(
     """
     import sys
     import lightning as L
+    from tests.helpers import TinyClassifier as Tiny
     import torch
     import torch.nn.functional as F
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
     from plugins.hardshrink import HardshrinkSparsifier
     from plugins.masks import get_mask
-
-    class Tiny(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return F.cross_entropy(self.net(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-
-        def train_dataloader(self):
-            g = torch.Generator().manual_seed(0)
-            x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
-            return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
 
     class Dump(L.Callback):
         def __init__(self, sparsifier):
