@@ -5,6 +5,7 @@ value), ``selection`` (which tensors), ``masks`` (the parametrization mechanism)
 """
 
 from plugins.compaction import compact
+from plugins.constraints import WeightConstraints, register_constraint
 from plugins.errors import ConfigError
 from plugins.hardshrink import HardshrinkSparsifier
 from plugins.masks import Mask, bake
@@ -27,4 +28,6 @@ __all__ = [
     "select_parameters",
     "StructuredPruning",
     "compact",
+    "WeightConstraints",
+    "register_constraint",
 ]

@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 
 __all__ = [
     "Mask",
+    "check_compatible",
     "get_mask",
     "ensure_mask",
     "set_mask",
@@ -60,6 +61,19 @@ def get_mask(module: nn.Module, tensor_name: str) -> Mask | None:
     return None
 
 
+def check_compatible(module: nn.Module, tensor_name: str) -> None:
+    """Ask every parametrization already on ``module.tensor_name`` whether a mask may follow it.
+
+    A constraint that cannot hold once entries are zeroed (an orthogonal matrix) raises a
+    ConfigError from its ``refuse_mask`` unless its rule set ``allow_masked`` (then it warns).
+    """
+    if parametrize.is_parametrized(module, tensor_name):
+        for p in module.parametrizations[tensor_name]:
+            refuse = getattr(p, "refuse_mask", None)
+            if refuse is not None:
+                refuse()
+
+
 def ensure_mask(module: nn.Module, tensor_name: str, shape: tuple[int, ...] | None = None) -> Mask:
     """Register an all-ones :class:`Mask` on ``module.tensor_name`` unless one is there already.
 
@@ -69,6 +83,7 @@ def ensure_mask(module: nn.Module, tensor_name: str, shape: tuple[int, ...] | No
     existing = get_mask(module, tensor_name)
     if existing is not None:
         return existing
+    check_compatible(module, tensor_name)
     tensor = getattr(module, tensor_name)
     mask = Mask(
         tuple(shape) if shape is not None else tuple(tensor.shape),

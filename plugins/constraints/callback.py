@@ -1,0 +1,321 @@
+"""``WeightConstraints``: constraint rules from config, applied as parametrizations, logged, baked.
+
+    from plugins import WeightConstraints
+    constraints = WeightConstraints(rules=[
+        {"name": "orthogonal", "module_types": ["Conv1d"], "args": {"method": "polar"}},
+        {"name": "non_negative", "include": ["net.head.weight"]},
+        {"name": "max_norm", "include": ["net.head.weight"], "args": {"radius": 2.0}},
+    ])
+    trainer = L.Trainer(callbacks=[constraints, sparsifier])   # constraints before masks
+
+Without Lightning (a model transform): ``constraints.apply(model)``, then
+``constraints.project()`` after each ``optimizer.step()`` and ``constraints.bake()`` at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from typing_extensions import override
+
+from plugins.constraints.base import Constraint, ConstraintError
+from plugins.constraints.registry import build_constraint
+from plugins.errors import ConfigError
+from plugins.masks import get_mask
+from plugins.selection import DEFAULT_MODULE_TYPES, select_parameters
+
+__all__ = ["WeightConstraints", "Rule", "Applied"]
+
+RULE_KEYS = ("name", "include", "exclude", "module_types", "args", "allow_masked")
+
+
+@dataclass
+class Rule:
+    """One config rule: which tensors (selection), which constraint and its arguments."""
+
+    key: str
+    name: str
+    args: dict[str, Any]
+    include: list[str] = field(default_factory=lambda: ["*weight"])
+    exclude: list[str] = field(default_factory=list)
+    module_types: list[str] | None = field(default_factory=lambda: list(DEFAULT_MODULE_TYPES))
+    allow_masked: bool = False
+
+
+@dataclass
+class Applied:
+    """A constraint registered on one tensor."""
+
+    target: str
+    module: nn.Module
+    tensor_name: str
+    constraint: nn.Module
+    rule: Rule
+
+    @property
+    def label(self) -> str:
+        return f"{self.target}/{self.rule.name}"
+
+
+def _strings(value: Any, key: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConfigError(key, value, "a glob or a list of globs")
+
+
+def parse_rules(rules: Any, key: str = "constraints") -> list[Rule]:
+    """Check the rules' structure and every constraint's arguments; returns :class:`Rule` objects."""
+    if isinstance(rules, Mapping) or not isinstance(rules, Sequence) or isinstance(rules, str) or not rules:
+        raise ConfigError(f"{key}.rules", rules, "a non-empty list of {name, include, exclude, module_types, args}")
+    parsed = []
+    for i, raw in enumerate(rules):
+        rule_key = f"{key}.rules[{i}]"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(rule_key, raw, "a mapping with at least a name")
+        unknown = sorted(set(raw) - set(RULE_KEYS))
+        if unknown:
+            raise ConfigError(f"{rule_key}.{unknown[0]}", raw[unknown[0]], f"keys among {list(RULE_KEYS)}")
+        if "name" not in raw:
+            raise ConfigError(f"{rule_key}.name", None, "a registered constraint name")
+        args = raw.get("args") or {}
+        if not isinstance(args, Mapping):
+            raise ConfigError(f"{rule_key}.args", args, "a mapping of argument names to values")
+        allow = raw.get("allow_masked", False)
+        if not isinstance(allow, bool):
+            raise ConfigError(f"{rule_key}.allow_masked", allow, "true or false")
+        types = raw.get("module_types", list(DEFAULT_MODULE_TYPES))
+        if types is not None and (isinstance(types, str) or not isinstance(types, Sequence)):
+            raise ConfigError(f"{rule_key}.module_types", types, "a list of module class names or null")
+        rule = Rule(
+            key=rule_key,
+            name=raw["name"],
+            args=dict(args),
+            include=_strings(raw.get("include", ["*weight"]), f"{rule_key}.include"),
+            exclude=_strings(raw.get("exclude", []), f"{rule_key}.exclude"),
+            module_types=list(types) if types else None,
+            allow_masked=allow,
+        )
+        build_constraint(rule.name, rule.args, rule_key)  # names, argument types and values
+        parsed.append(rule)
+    return parsed
+
+
+class WeightConstraints(L.Callback):
+    """Callback (or model transform): applies constraint rules from the registry to selected
+    tensors, keeps projection constraints on their set after each optimizer step, logs each
+    constraint's violation, and bakes the constraints in at the end of fit.
+
+    Rules apply in the listed order; several rules on one tensor stack (the first listed is
+    applied first to the stored tensor). Parametrizations are registered in ``setup``, before a
+    checkpoint's state is loaded, so a resumed run loads into the same structure. On a shared
+    tensor, constraints come before masks (train.py builds this callback before the sparsity and
+    pruning ones); a constraint that cannot hold once entries are zeroed refuses the mask unless its
+    rule sets ``allow_masked: true``.
+
+    Logs at each epoch end (and every ``log_every_n_steps`` steps when set) through
+    ``pl_module.log_dict``: ``{key}/<tensor>/<constraint>`` and ``{key}/max_violation``.
+
+    Args:
+        rules: a list of ``{name, include, exclude, module_types, args, allow_masked}``: ``name``
+            a registered constraint, ``args`` its keyword arguments, the selection as in
+            :func:`~plugins.selection.select_parameters` (default: weights of conv and linear
+            layers), ``allow_masked`` accepts a mask that breaks the constraint.
+        bake_at_end: remove the parametrizations at the end of fit, keeping the constrained values.
+        log_every_n_steps: also log violations every N optimizer steps (null: per epoch only).
+        key: names this callback in errors, logged metrics and ``summary.json``.
+
+    Raises:
+        ConfigError: for an unknown name (listing the registered ones), a wrong argument, a bad
+            rule (here); a selection that matches nothing, a tensor that cannot carry its
+            constraint, a mask already on a tensor (in ``setup``, before the first batch).
+    """
+
+    def __init__(
+        self,
+        rules: Sequence[Mapping[str, Any]],
+        bake_at_end: bool = True,
+        log_every_n_steps: int | None = None,
+        key: str = "constraints",
+    ) -> None:
+        if not isinstance(bake_at_end, bool):
+            raise ConfigError(f"{key}.bake_at_end", bake_at_end, "true or false")
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
+            raise ConfigError(f"{key}.log_every_n_steps", log_every_n_steps, "an integer >= 1 or null")
+        self.key = key
+        self.rules = parse_rules(rules, key)
+        self.bake_at_end = bake_at_end
+        self.log_every_n_steps = log_every_n_steps
+        self.applied: list[Applied] = []
+        self.baked = False
+        self.projections = 0
+        self._hooks: list[Any] = []
+        self._final: dict[str, float] = {}
+
+    # --- the transform ----------------------------------------------------------------------------
+
+    def apply(self, model: nn.Module) -> list[Applied]:
+        """Register every rule's constraint on its selected tensors of ``model`` (once)."""
+        if self.applied:
+            return self.applied
+        applied: list[Applied] = []
+        for rule in self.rules:
+            targets = select_parameters(model, rule.include, rule.exclude, rule.module_types, key=rule.key)
+            for target in targets:
+                applied.append(self._register(rule, target.name, target.module, target.tensor_name))
+        self.applied = applied
+        return applied
+
+    def _register(self, rule: Rule, name: str, module: nn.Module, tensor_name: str) -> Applied:
+        if get_mask(module, tensor_name) is not None:
+            raise ConstraintError(
+                rule.key,
+                rule.name,
+                f"a tensor without a mask: {name} already has one; constraints come first, so put "
+                "WeightConstraints before the sparsity/pruning callbacks",
+            )
+        constraint = build_constraint(rule.name, rule.args, rule.key)
+        weight = getattr(module, tensor_name)
+        shape = tuple(weight.shape)
+        fits = getattr(constraint, "fits", None)
+        reason = fits(shape) if fits else None
+        if reason:
+            raise ConstraintError(
+                f"{rule.key}.name", rule.name, f"a constraint that fits {name} of shape {shape}: {reason}"
+            )
+        stacked = parametrize.is_parametrized(module, tensor_name)
+        if stacked and getattr(constraint, "first_only", False):
+            raise ConstraintError(
+                f"{rule.key}.name",
+                rule.name,
+                f"a rule listed before the other constraints on {name}: this one "
+                f"({rule.name}, {getattr(constraint, 'method', 'this form')}) must be first on its tensor",
+            )
+        if not torch.isfinite(weight).all():
+            raise ConfigError(rule.key, name, "tensors whose values are all finite (found NaN or Inf)")
+        constraint.target, constraint.rule_key, constraint.allow_masked = name, rule.key, rule.allow_masked
+        if hasattr(constraint, "build"):
+            constraint.build(weight.detach())
+        constraint.to(device=weight.device)
+        parametrize.register_parametrization(module, tensor_name, constraint)
+        return Applied(name, module, tensor_name, constraint, rule)
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Put every projection constraint's stored tensor back on its set (after an optimizer
+        step); the parametrized constraints need nothing."""
+        for a in self.applied:
+            if getattr(a.constraint, "projects", False) and parametrize.is_parametrized(a.module, a.tensor_name):
+                a.constraint.project_(a.module.parametrizations[a.tensor_name].original)
+        self.projections += 1
+
+    @torch.no_grad()
+    def violations(self) -> dict[str, float]:
+        """``<tensor>/<constraint>`` -> violation, measured on the weight the module computes with."""
+        out = {}
+        for a in self.applied:
+            measure = getattr(a.constraint, "violation", None)
+            if measure is not None:
+                out[a.label] = float(measure(getattr(a.module, a.tensor_name)))
+        return out
+
+    def bake(self) -> int:
+        """Finalize every constraint and remove the parametrizations, keeping the values they
+        produce (masks on the same tensors are baked with them). Returns the tensors baked."""
+        count = 0
+        for a in self.applied:
+            if hasattr(a.constraint, "finalize_"):
+                a.constraint.finalize_()
+        for a in self.applied:
+            if parametrize.is_parametrized(a.module, a.tensor_name):
+                parametrize.remove_parametrizations(a.module, a.tensor_name, leave_parametrized=True)
+                count += 1
+        self.baked = True
+        return count
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Project after every ``optimizer.step()`` (a step post-hook); :meth:`detach` removes it."""
+        if any(isinstance(c, Constraint) and c.projects for c in (a.constraint for a in self.applied)):
+            self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.project()))
+
+    def detach(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # --- Lightning hooks --------------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(key=self.key, rules=[(r.name, r.include, r.exclude) for r in self.rules])
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.baked:
+            self.apply(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.detach()
+        for optimizer in trainer.optimizers:
+            self.attach(optimizer)
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        n = self.log_every_n_steps
+        if n and trainer.global_step % n == 0 and not self.baked:
+            self._log(pl_module, on_step=True)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.baked:
+            self._log(pl_module, on_step=False)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.detach()
+        if self.bake_at_end and not self.baked:
+            self.bake()
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.detach()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # The constrained tensors (and learned scores, PyTorch's trivialization bases) are in the
+        # model's own state dict; here only what is needed to report.
+        return {"projections": self.projections}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.projections = int(state_dict.get("projections", 0))
+
+    def _log(self, pl_module: L.LightningModule, on_step: bool) -> None:
+        values = self.violations()
+        if not values:
+            return
+        metrics = {f"{self.key}/{label}": v for label, v in values.items()}
+        metrics[f"{self.key}/max_violation"] = max(values.values())
+        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=False)
+
+    # --- run outputs ------------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """``{key}``: ``<tensor>/<constraint>`` -> violation on the final weights (baked or not),
+        ``{key}/max_violation``, ``{key}/projections`` (projection steps taken)."""
+        values = self.violations()
+        return {
+            self.key: values,
+            f"{self.key}/max_violation": max(values.values()) if values else 0.0,
+            f"{self.key}/projections": self.projections,
+        }
