@@ -46,6 +46,11 @@ CASES = [
         "an amount that leaves at least one of the",
     ),
     (["pruning=l1", "pruning.method=magic"], "pruning.method='magic' is not allowed: one of random, l1, l2"),
+    # constraints
+    (["constraints=non_negative", "constraints.rules.0.name=positive"], "constraints.rules[0].name='positive' is not allowed: one of the registered constraints"),
+    (["constraints=non_negative", "constraints.rules.0.include=[nomatch*]"], "constraints.rules[0].include='nomatch*'"),
+    (["constraints=learned_mask", "constraints.rules.0.args.init=1.5"], "constraints.rules[0].args.init=1.5 is not allowed: a gate value in (0.5, 1)"),
+    (["constraints=orthogonal", "pruning=l1"], "constraints.rules[0].allow_masked=False is not allowed"),
     # checkpoints
     (["ckpt_path=/no/such/file.ckpt"], "ckpt_path='/no/such/file.ckpt'"),
 ]

@@ -202,3 +202,34 @@ def test_callback_order_in_a_trainer_puts_the_mask_last():
     w = model.net[0].weight
     assert not parametrize.is_parametrized(model.net[0])
     assert float(w.min()) >= 0 and float((w == 0).float().mean()) >= 0.5
+
+
+def test_stacked_constraints_on_the_resnet_hold_and_model_pt_is_plain(tmp_path: Path):
+    """The ucr_constrained experiment: orthonormal conv kernels (projected) and a head that is both
+    non-negative and row-bounded; every violation is tiny at the end, the logged metrics are in the
+    CSV, and model.pt is a plain model that still satisfies every constraint."""
+    import csv
+
+    summary = run_train_inprocess(
+        ["+experiment=ucr_constrained", "trainer.accelerator=cpu", "logger=csv"], tmp_path
+    )
+    convs = [k for k in summary["constraints"] if k.endswith("/orthogonal")]
+    assert len(convs) == 11  # 3 blocks x (3 body convs + 1 shortcut) - 1 block without a shortcut
+    assert summary["constraints/max_violation"] <= 1e-4
+    assert summary["test/acc"] > 0.9  # GunPoint: two balanced classes; 0.99 over three seeds
+
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    logged = [float(r["constraints/max_violation"]) for r in rows if r.get("constraints/max_violation")]
+    assert len(logged) == 40 and max(logged) <= 1e-4
+
+    net = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert not any(parametrize.is_parametrized(m) for m in net.modules())
+    for m in net.modules():
+        if isinstance(m, nn.Conv1d):
+            w = m.weight.detach().double().reshape(m.weight.shape[0], -1)
+            gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+            assert torch.linalg.matrix_norm(gram - torch.eye(len(gram), dtype=gram.dtype), 2) <= 1e-4
+    head = net.head.weight.detach()
+    assert float(head.min()) >= 0 and float(head.norm(dim=1).max()) <= 2.0 + 1e-6
+    net.eval()
+    assert net(torch.randn(4, 1, 150)).shape == (4, 2)

@@ -11,7 +11,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from models import Classifier, DigitsCNN, DigitsDataModule
-from plugins import HardshrinkSparsifier, StructuredPruning
+from plugins import HardshrinkSparsifier, StructuredPruning, WeightConstraints
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,14 @@ class Probe(L.Callback):
 
 
 def _plugins() -> list[L.Callback]:
-    plugins: list[L.Callback] = [
+    return [
+        # A projection (an optimizer step hook) and a parametrization under the masks.
+        WeightConstraints(
+            rules=[
+                {"name": "non_negative", "include": ["*head.2.weight"], "args": {"method": "clamp"}},
+                {"name": "max_norm", "include": ["*head.2.weight"], "args": {"radius": 3.0}},
+            ]
+        ),
         HardshrinkSparsifier(
             mode="sparsity",
             scope="global",
@@ -55,11 +62,6 @@ def _plugins() -> list[L.Callback]:
             seed=0,
         ),
     ]
-    try:
-        from plugins import WeightConstraints
-    except ImportError:
-        return plugins
-    return [WeightConstraints(rules=[{"include": ["*head.2.weight"], "name": "non_negative"}]), *plugins]
 
 
 def test_long_run_memory_is_flat_and_nothing_leaks(tmp_path):
@@ -91,6 +93,10 @@ def test_long_run_memory_is_flat_and_nothing_leaks(tmp_path):
         assert not parametrize.is_parametrized(m), name
         assert not m._forward_hooks and not m._forward_pre_hooks, name
         assert not m._backward_hooks and not getattr(m, "_backward_pre_hooks", None), name
+    for optimizer in trainer.optimizers:
+        assert not optimizer._optimizer_step_post_hooks, "projection hook left on the optimizer"
+    head = module.net.head[2].weight.detach()
+    assert float(head.min()) >= 0 and float(head.norm(dim=1).max()) <= 3.0 + 1e-5
     weights = [m.weight for m in module.net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert zeros >= 0.8 - 0.01

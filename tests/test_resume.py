@@ -53,6 +53,16 @@ def _train_killed_and_resumed(tmp_path: Path, overrides: list[str], crash_step: 
             ],
             id="hardshrink+random-structured",
         ),
+        pytest.param(["constraints=orthogonal"], id="orthogonal-projection"),
+        pytest.param(
+            [
+                "constraints=learned_mask",
+                "sparsity=gmp",
+                "sparsity.schedule.begin_epoch=0",
+                "sparsity.schedule.end_epoch=3",
+            ],
+            id="learned-mask+hardshrink",
+        ),
     ],
 )
 def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, overrides: list[str]):
