@@ -127,7 +127,9 @@ class RandomState(L.Callback):
         import random
 
         torch.set_rng_state(state_dict["torch"])
-        random.setstate(tuple(state_dict["python"]) if not isinstance(state_dict["python"], tuple) else state_dict["python"])
+        # A checkpoint may hold Python's state as a list (after a round trip through a serializer).
+        version, internal, gauss = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss))
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 

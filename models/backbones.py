@@ -76,7 +76,7 @@ class FCN1d(nn.Module):
         widths = _check_widths("model.widths", widths)
         kernels = _check_widths("model.kernels", kernels, len(widths))
         layers, channels = [], in_channels
-        for i, (width, kernel) in enumerate(zip(widths, kernels)):
+        for i, (width, kernel) in enumerate(zip(widths, kernels, strict=True)):
             conv = nn.Conv1d(channels, width, kernel, padding="same", bias=False)
             layers.append(_block(conv, norm(width, 1, f"features.{i}.1")))
             channels = width

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from plugins.errors import ConfigError
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 __all__ = ["Classifier"]
 
@@ -68,7 +68,9 @@ class Classifier(L.LightningModule):
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(logits, y)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(y))
+        self.log(
+            f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(y)
+        )
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=len(y))
         return loss
 

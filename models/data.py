@@ -3,8 +3,8 @@ UCR/UEA sets. Nothing is downloaded."""
 
 from __future__ import annotations
 
-import numpy as np
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split

@@ -91,7 +91,9 @@ class ScheduledMasking(L.Callback):
         )
         for target in self.targets:
             if not torch.isfinite(target.raw).all():
-                raise ConfigError(f"{self.key}.targets", target.name, "tensors whose values are all finite (found NaN or Inf)")
+                raise ConfigError(
+                    f"{self.key}.targets", target.name, "tensors whose values are all finite (found NaN or Inf)"
+                )
         self.validate_targets(self.targets)
         if self.persistent:
             for target in self.targets:

@@ -6,12 +6,12 @@ Built in: ``orthogonal``, ``spectral_norm``, ``weight_norm``, ``symmetric``, ``s
 """
 
 from plugins.constraints.base import Constraint, ConstraintError, as_matrix, matrix_shape
-from plugins.constraints.registry import build_constraint, get_constraint, register_constraint, registered
-from plugins.constraints.orthogonal import Orthogonal, orthogonal_violation, polar_, qr_
-from plugins.constraints.norms import MaxNorm, SpectralNorm, UnitNorm, WeightNorm
-from plugins.constraints.symmetry import Skew, Symmetric
-from plugins.constraints.elementwise import LearnedMask, NonNegative
 from plugins.constraints.callback import WeightConstraints
+from plugins.constraints.elementwise import LearnedMask, NonNegative
+from plugins.constraints.norms import MaxNorm, SpectralNorm, UnitNorm, WeightNorm
+from plugins.constraints.orthogonal import Orthogonal, orthogonal_violation, polar_, qr_
+from plugins.constraints.registry import build_constraint, get_constraint, register_constraint, registered
+from plugins.constraints.symmetry import Skew, Symmetric
 
 __all__ = [
     "Constraint",

@@ -270,7 +270,9 @@ class WeightConstraints(L.Callback):
             self.attach(optimizer)
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         n = self.log_every_n_steps
         if n and trainer.global_step % n == 0 and not self.baked:
             self._log(pl_module, on_step=True)
