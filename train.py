@@ -26,6 +26,7 @@ from plugins.errors import ConfigError
 from plugins.masks import sparsity
 from plugins.norm import NormFactory
 from plugins.selection import DEFAULT_MODULE_TYPES, resolve_module_types
+from plugins.sweeps import at_launch  # noqa: F401 - registers the ${at_launch:} resolver the configs use
 
 log = logging.getLogger("train")
 

@@ -35,6 +35,7 @@ from typing_extensions import override
 
 __all__ = [
     "SweepSummary",
+    "at_launch",
     "aggregate",
     "collect_rows",
     "markdown_table",
@@ -46,6 +47,21 @@ log = logging.getLogger(__name__)
 
 JOB_INFO = "job_info.json"
 DEFAULT_METRICS = ("test/acc", "test/f1", "val/acc", "sparsity/global", "duration_s")
+
+
+def at_launch(value: Any) -> Any:
+    """``${at_launch:${task_name}}``: the value in the launching command's config, in every job.
+
+    The resolver is cached, and Hydra copies the launching config's resolver cache into each job's
+    config (the way ``${now:}`` gives every job the same time). The cache is keyed by the
+    argument as written, so a sweep over experiments that each set their own ``task_name``
+    (``-m +experiment=a,b``) still puts every job in one sweep folder and one dashboard group.
+    In a single run it is just the value.
+    """
+    return value
+
+
+OmegaConf.register_new_resolver("at_launch", at_launch, use_cache=True, replace=True)
 
 
 def _override_items(overrides: Iterable[str]) -> dict[str, str]:

@@ -14,6 +14,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+import train  # also registers the config resolvers (${wandb_offline:}, ${at_launch:})
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
@@ -44,8 +46,6 @@ def compose_config(overrides: list[str], output_dir: Path | None = None) -> Dict
 
 def run_train_inprocess(overrides: list[str], output_dir: Path) -> dict:
     """Run ``train.run`` in this process on the composed config; returns summary.json."""
-    import train
-
     output_dir.mkdir(parents=True, exist_ok=True)
     cfg = compose_config(overrides, output_dir)
     with open_dict(cfg):

@@ -173,6 +173,24 @@ def test_norm_sweep_writes_one_summary_with_mean_and_std(tmp_path: Path) -> None
     assert (sweep / "summary.png").is_file()
 
 
+def test_sweep_over_experiments_with_their_own_task_names_stays_one_sweep(tmp_path: Path) -> None:
+    """``-m +experiment=a,b`` where each experiment sets ``task_name``: every job still lands in
+    the launching command's sweep folder (default ``hydra.sweep.dir``), in one dashboard group."""
+    result = run_train_cli(
+        ["-m", "+experiment=digits_baseline,digits_prune50", "logger=tensorboard", *TINY], cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["train"]
+    (sweep,) = (tmp_path / "outputs" / "train" / "multiruns").iterdir()
+    rows = _read_csv(sweep / "summary.csv")
+    assert sorted(r["experiment"] for r in rows) == ["digits_baseline", "digits_prune50"]
+    assert "| experiment | n | test/acc |" in (sweep / "summary.md").read_text()
+    groups = {
+        OmegaConf.load(next((sweep / r["job"] / "tensorboard").glob("*/hparams.yaml"))).paths.group for r in rows
+    }
+    assert groups == {f"train_{sweep.name}"}
+
+
 def test_joblib_runs_jobs_in_worker_processes_and_one_summary(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     command = [
