@@ -4,7 +4,7 @@
     python train.py +experiment=ucr_baseline data.name=ArrowHead
     python train.py -m norm=batch,instance,group,layer
 
-Run outputs (see DESIGN.md): checkpoints/last.ckpt, summary.json, model.pt, plots, logger files.
+Run outputs (see DESIGN.md): checkpoints/last.ckpt, summary.json, model.pt (+ model.pt2), plots, logger files.
 """
 
 from __future__ import annotations
@@ -183,6 +183,25 @@ def weight_sparsity(net: torch.nn.Module) -> dict[str, Any]:
     }
 
 
+def export_program(net: torch.nn.Module, example: torch.Tensor, path: Path) -> str | None:
+    """Write ``net`` (eval mode, any batch size) as a ``torch.export`` program: it runs with
+    ``torch.export.load(path).module()`` and no code of this project, unlike the pickled
+    ``model.pt``. Returns why it could not be exported (a model ``torch.export`` cannot trace),
+    or ``None``; a failure is a warning, not an error, as ``model.pt`` is already written."""
+    was_training = net.training
+    net.eval()
+    try:
+        batch = torch.export.Dim("batch", min=1)
+        program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
+        torch.export.save(program, path)
+        return None
+    except Exception as err:  # noqa: BLE001 - any tracing failure: keep model.pt, say why
+        log.warning("model.pt2 not written: torch.export failed (%s: %s)", type(err).__name__, err)
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    finally:
+        net.train(was_training)
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write through a temporary file so that a crash never leaves half a summary."""
     tmp = path.with_suffix(".json.tmp")
@@ -262,7 +281,12 @@ def train(cfg: DictConfig) -> float:
             plugin.save_plots(output_dir)
         if hasattr(plugin, "summary"):
             summary.update(plugin.summary())
+    # On CPU, so that both files load on a machine without the training run's accelerator.
+    net.cpu()
     torch.save(net, output_dir / "model.pt")
+    example, _ = next(iter(datamodule.test_dataloader()))
+    failure = export_program(net, example[:2], output_dir / "model.pt2")
+    summary["export"] = failure or "model.pt2"
     summary["duration_s"] = time.time() - started
     write_json(output_dir / "summary.json", summary)
     log.info("test/acc=%.4f  outputs in %s", summary["test/acc"], output_dir)

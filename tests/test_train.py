@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,37 @@ def test_default_run_writes_every_output(tmp_path: Path):
     assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert "state_dict" in ckpt
+
+
+STANDALONE = """
+import sys, torch
+for name in ("models", "plugins", "train"):
+    sys.modules[name] = None  # any import of this project's code now fails
+net = torch.export.load(sys.argv[1]).module()
+print(tuple(net(torch.zeros(5, *map(int, sys.argv[2:]))).shape))
+"""
+
+
+@pytest.mark.parametrize(
+    "overrides,shape",
+    [([], (1, 8, 8)), (["+experiment=ucr_resnet_prune50", "pruning.schedule.begin_epoch=0", "pruning.schedule.end_epoch=0"], (1, 150))],
+    ids=["digits_cnn", "resnet1d-compacted"],
+)
+def test_model_pt2_runs_without_this_project(tmp_path: Path, overrides: list[str], shape: tuple[int, ...]):
+    summary = run_train_inprocess([*FAST, *overrides], tmp_path)
+    assert summary["export"] == "model.pt2"
+    out = subprocess.run(
+        [sys.executable, "-c", STANDALONE, str(tmp_path / "model.pt2"), *map(str, shape)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    classes = 10 if shape == (1, 8, 8) else 2
+    assert out.stdout.strip() == str((5, classes))
+    # The same numbers as the pickled model.pt, in eval mode.
+    net = torch.load(tmp_path / "model.pt", weights_only=False).eval()
+    program = torch.export.load(tmp_path / "model.pt2").module()
+    x = torch.randn(3, *shape)
+    torch.testing.assert_close(program(x), net(x))
 
 
 @pytest.mark.slow
