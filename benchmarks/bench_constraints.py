@@ -46,7 +46,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.timing import add_clock_args, clock  # noqa: E402
 from models.backbones import ResNet1d  # noqa: E402
 from plugins.constraints import ConstraintError, WeightConstraints, build_constraint  # noqa: E402
 from plugins.norm import NormFactory  # noqa: E402
@@ -219,7 +219,7 @@ def build(model: str, args: argparse.Namespace) -> tuple[nn.Module, list, Callab
 
 def run_one(model: str, variant: Variant, args: argparse.Namespace) -> dict:
     """Train ``args.warmup + args.steps`` steps; the median timed step and the final violation."""
-    now = time.perf_counter if args.clock == "wall" else time.thread_time
+    now = clock(args.clock)
     net, batches, loss_fn = build(model, args)
     measure, constraints = (
         (None, None) if not variant.constraint else constrain(variant, net, model)
@@ -396,15 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batches", type=int, default=4, help="random batches cycled through")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = steadiest)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--clock",
-        choices=("cpu", "wall"),
-        default="cpu",
-        help="cpu: CPU time of the training thread (steady on a shared machine, needs --threads 1);"
-        " wall: elapsed time",
-    )
+    add_clock_args(parser)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
         "--quick",

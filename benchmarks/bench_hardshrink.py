@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.timing import add_clock_args  # noqa: E402
+from benchmarks.timing import clock as read_clock  # noqa: E402
 from models import Classifier, DigitsCNN, DigitsDataModule  # noqa: E402
 from plugins.hardshrink import HardshrinkSparsifier  # noqa: E402
 from plugins.schedules import Schedule  # noqa: E402
@@ -120,8 +122,7 @@ def run_one(variant: str, args: argparse.Namespace, schedule: Schedule) -> dict:
     net = DigitsCNN()
     module = Classifier(net, num_classes=10)
     clock = _Clock()
-    if args.clock == "wall" or args.accelerator != "cpu":
-        clock.now = time.perf_counter
+    clock.now = read_clock(args.clock, args.accelerator)
     plugins: list[L.Callback] = []
     steps_per_epoch = args.limit_train_batches or 20
     if variant == "hardshrink":
@@ -216,15 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the three variants")
     parser.add_argument("--sparsity", type=float, default=0.9, help="final fraction of zeros")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = steadiest)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--clock",
-        choices=("cpu", "wall"),
-        default="cpu",
-        help="cpu: CPU time of the training thread (steady on a shared machine, needs --threads 1);"
-        " wall: elapsed time (always on a GPU)",
-    )
+    add_clock_args(parser)
     parser.add_argument("--accelerator", default="cpu", help="cpu or gpu")
     parser.add_argument("--limit-train-batches", type=int, default=None)
     parser.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the median")
