@@ -197,6 +197,7 @@ def export_program(net: torch.nn.Module, example: torch.Tensor, path: Path) -> s
         return None
     except Exception as err:  # noqa: BLE001 - any tracing failure: keep model.pt, say why
         log.warning("model.pt2 not written: torch.export failed (%s: %s)", type(err).__name__, err)
+        path.unlink(missing_ok=True)  # never leave an older run's program beside this model.pt
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     finally:
         net.train(was_training)
