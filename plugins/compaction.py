@@ -43,6 +43,7 @@ __all__ = [
     "coupled_groups",
     "compact",
     "compact_copy",
+    "kept_indices",
     "independent_copy",
     "latency",
     "count",
@@ -252,6 +253,58 @@ def _fix_feature_counts(model: nn.Module) -> None:
             module.num_channels = weight.shape[0]
 
 
+def _as_double(inputs: Any) -> Any:
+    if torch.is_tensor(inputs):
+        return inputs.double() if inputs.is_floating_point() else inputs
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_as_double(x) for x in inputs)
+    if isinstance(inputs, dict):
+        return {k: _as_double(v) for k, v in inputs.items()}
+    return inputs
+
+
+@torch.no_grad()
+def _index_twin(model: nn.Module) -> nn.Module:
+    """A float64 copy of ``model`` whose every floating tensor holds its own flat indices."""
+    twin = copy.deepcopy(model).double()
+    for t in [*twin.parameters(), *twin.buffers()]:
+        if t.is_floating_point():
+            t.copy_(torch.arange(t.numel(), dtype=torch.float64, device=t.device).view_as(t))
+    return twin
+
+
+def kept_indices(
+    twin: nn.Module, shapes: dict[str, torch.Size], steps: list[tuple[str, list[int]]], example_inputs: Any
+) -> dict[str, dict[int, torch.Tensor]]:
+    """Which indices of the full-width model each compacted tensor kept, per state-dict key and dim.
+
+    ``twin`` is :func:`_index_twin` of the model before compaction, ``shapes`` its state-dict shapes
+    and ``steps`` the ``(root layer, removed indices)`` prunings in the order :func:`compact` made
+    them. Replaying them on the twin moves the index values the way Torch-Pruning moved the weights,
+    for any layer type it handles, so the plan needs no knowledge of what a handler slices.
+    """
+    dg = trace(twin, _as_double(example_inputs))
+    modules = dict(twin.named_modules())
+    for name, removed in steps:
+        layer = modules[name]
+        pruner = dg.get_pruner_of_module(layer)
+        dg.get_pruning_group(layer, pruner.prune_out_channels, removed).prune(record_history=False)
+    plan: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in twin.state_dict().items():
+        full = shapes.get(key)
+        if full is None or not value.is_floating_point() or tuple(value.shape) == tuple(full):
+            continue
+        flat, coords = value.detach().long().cpu(), {}
+        for dim in reversed(range(len(full))):
+            coords[dim], flat = flat % full[dim], flat // full[dim]
+        plan[key] = {
+            dim: coords[dim].movedim(dim, 0).reshape(value.shape[dim], -1)[:, 0].clone()
+            for dim in range(len(full))
+            if value.shape[dim] != full[dim]
+        }
+    return plan
+
+
 def compact(
     model: nn.Module,
     example_inputs: Any,
@@ -278,7 +331,8 @@ def compact(
     Returns:
         ``(model, report)``; the report holds ``params_before``, ``params_after``,
         ``macs_before``, ``macs_after``, ``channels`` (layer -> "kept/total" output channels),
-        ``inexact`` (norm layers for which removal is not exact), and when measured
+        ``inexact`` (norm layers for which removal is not exact), ``kept_indices`` (state-dict
+        key -> dim -> the full-width indices kept, to load full-width checkpoints), and when measured
         ``latency_dense_s``, ``latency_compact_s`` and ``speedup`` (dense / compact).
 
     Raises:
@@ -291,6 +345,7 @@ def compact(
     dg = trace(model, example_inputs, key=key)
     macs_before, params_before = count(model, example_inputs)
     dense = copy.deepcopy(model) if measure else None
+    twin, shapes, steps = _index_twin(model), {k: v.shape for k, v in model.state_dict().items()}, []
     names = {m: n for n, m in model.named_modules()}
     for name, module in model.named_modules():
         if isinstance(module, CONV_LINEAR) and module not in dg.module2node:
@@ -320,6 +375,7 @@ def compact(
         if by_producers:
             inexact.update(_inexact_norms(info, removable, names))
         root = group[0].dep
+        steps.append((names[root.target.module], list(removable)))
         dg.get_pruning_group(root.target.module, root.handler, removable).prune(
             record_history=False
         )
@@ -344,6 +400,7 @@ def compact(
         "macs_after": macs_after,
         "channels": {n: f"{after[n]}/{before[n]}" for n in sorted(before)},
         "inexact": sorted(inexact),
+        "kept_indices": kept_indices(twin, shapes, steps, example_inputs),
     }
     if measure:
         inputs = _batch_of(example_inputs, batch_size)

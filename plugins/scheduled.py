@@ -14,17 +14,19 @@ import lightning as L
 import torch
 from torch.nn.utils import parametrize
 
+from plugins.checkpoint_form import PlainCheckpoints, install_load_hook
 from plugins.errors import ConfigError
-from plugins.masks import ensure_mask, get_mask, prune_in_place, set_mask, sparsity
+from plugins.masks import ensure_mask, prune_in_place, set_mask, sparsity
 from plugins.schedules import Schedule, build_schedule
 from plugins.selection import DEFAULT_MODULE_TYPES, Target, select_parameters
 
 __all__ = ["ScheduledMasking"]
 
 
-class ScheduledMasking(L.Callback):
+class ScheduledMasking(PlainCheckpoints):
     """Base class: selects tensors in ``setup``, updates their masks when the schedule is due,
-    keeps masks and schedule position in ``state_dict``, logs sparsity through ``pl_module.log``.
+    keeps the schedule position in ``state_dict`` (the masks travel in the checkpoint's
+    ``parametrizations``, see :mod:`plugins.checkpoint_form`), logs sparsity through ``pl_module.log``.
 
     Cost between updates: one elementwise product per selected tensor in forward and backward
     (the :class:`~plugins.masks.Mask` parametrization); none with ``persistent=False``.
@@ -61,7 +63,6 @@ class ScheduledMasking(L.Callback):
         self.targets: list[Target] = []
         self.last_step = -1
         self.history: list[dict[str, float]] = []
-        self._pending_masks: dict[str, torch.Tensor] | None = None
         self._layer_sparsity: dict[str, float] = {}
 
     # --- to be provided by a subclass -----------------------------------------------------------
@@ -84,6 +85,7 @@ class ScheduledMasking(L.Callback):
         return self._generate_state_key(key=self.key, include=self.include, exclude=self.exclude)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        install_load_hook(pl_module)
         if self.targets:
             return
         self.targets = select_parameters(
@@ -98,8 +100,6 @@ class ScheduledMasking(L.Callback):
         if self.persistent:
             for target in self.targets:
                 ensure_mask(target.module, target.tensor_name, self.mask_shape(target))
-        if self._pending_masks is not None:
-            self._restore_masks(self._pending_masks)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -133,20 +133,11 @@ class ScheduledMasking(L.Callback):
                     )
 
     def state_dict(self) -> dict[str, Any]:
-        masks = {}
-        for target in self.targets:
-            mask = get_mask(target.module, target.tensor_name)
-            if mask is not None:
-                masks[target.name] = mask.mask.detach().to("cpu", torch.bool)
-        return {"last_step": self.last_step, "history": list(self.history), "masks": masks}
+        return {"last_step": self.last_step, "history": list(self.history)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = int(state_dict["last_step"])
         self.history = list(state_dict["history"])
-        if self.targets:
-            self._restore_masks(state_dict["masks"])
-        else:
-            self._pending_masks = state_dict["masks"]
 
     # --- shared mechanics -------------------------------------------------------------------------
 
@@ -166,12 +157,6 @@ class ScheduledMasking(L.Callback):
         """Sparsity actually reached, over all targets and per target (cached for logging)."""
         self._layer_sparsity = {t.name: sparsity([t.tensor]) for t in self.targets}
         return {"sparsity": sparsity(t.tensor for t in self.targets)}
-
-    def _restore_masks(self, masks: dict[str, torch.Tensor]) -> None:
-        for target in self.targets:
-            if target.name in masks:
-                set_mask(target.module, target.tensor_name, masks[target.name])
-        self._pending_masks = None
 
     def summary(self) -> dict[str, Any]:
         """Keys for summary.json."""

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from plugins.checkpoint_form import set_compaction_plan
 from plugins.compaction import CONV_LINEAR, compact, coupled_groups
 from plugins.errors import ConfigError
 from plugins.masks import ensure_mask, get_mask, set_mask
@@ -256,10 +257,6 @@ class StructuredPruning(ScheduledMasking):
                         optimizers,
                     )
 
-    def _restore_masks(self, masks: dict[str, torch.Tensor]) -> None:
-        super()._restore_masks(masks)
-        self._sync_extras()
-
     # --- set-up: units, coupling, bad input -------------------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -417,6 +414,9 @@ class StructuredPruning(ScheduledMasking):
             if torch.is_tensor(example):
                 example = example.to(next(pl_module.parameters()).device)
             _, report = compact(pl_module, example, key=f"{self.key}.compact")
+            # The checkpoints stay full width (masked, the same outputs): the compacted module
+            # loads them sliced, so trainer.test(ckpt_path="best") works after compaction.
+            set_compaction_plan(pl_module, report.pop("kept_indices"))
             self.compaction = report
 
     def channels(self) -> dict[str, str]:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from typing_extensions import override
 
+from plugins.checkpoint_form import PlainCheckpoints, install_load_hook
 from plugins.constraints.base import Constraint, ConstraintError
 from plugins.constraints.registry import build_constraint
 from plugins.errors import ConfigError
@@ -108,7 +109,7 @@ def parse_rules(rules: Any, key: str = "constraints") -> list[Rule]:
     return parsed
 
 
-class WeightConstraints(L.Callback):
+class WeightConstraints(PlainCheckpoints):
     """Callback (or model transform): applies constraint rules from the registry to selected
     tensors, keeps projection constraints on their set after each optimizer step, logs each
     constraint's violation, and bakes the constraints in at the end of fit.
@@ -260,6 +261,7 @@ class WeightConstraints(L.Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        install_load_hook(pl_module)
         if not self.baked:
             self.apply(pl_module)
 
@@ -294,8 +296,8 @@ class WeightConstraints(L.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # The constrained tensors (and learned scores, PyTorch's trivialization bases) are in the
-        # model's own state dict; here only what is needed to report.
+        # The constrained tensors (and learned scores, PyTorch's trivialization bases) travel in the
+        # checkpoint's plain state dict and its ``parametrizations`` (plugins.checkpoint_form).
         return {"projections": self.projections}
 
     @override

@@ -1,0 +1,200 @@
+"""The checkpoint form of a model with plugins on: plain names, and the plugins' raw state beside.
+
+A parametrized tensor lives in a module's state dict as ``net.0.parametrizations.weight.original``
+plus one entry per parametrization (``...weight.0.mask``). A module built as usual has
+``net.0.weight``, so ``Module.load_from_checkpoint(path)`` and ``trainer.test(ckpt_path="best")``
+would fail on missing and unexpected keys. Every plugin callback therefore writes checkpoints in one
+form, built here:
+
+- ``checkpoint["state_dict"]`` holds the plain names with the values the module computes with
+  (masks and constraints applied): exactly what the model without plugins would hold, so any
+  module built as usual loads it and computes the same outputs;
+- ``checkpoint["parametrizations"]`` holds the raw entries taken out (the unconstrained tensor when
+  it differs from the computed one, the masks, learned gate scores), which the plugins put back when
+  they resume, so that a resumed run continues exactly.
+
+Loading goes the other way in two phases. A ``load_state_dict`` pre-hook on the LightningModule
+(:func:`install_load_hook`, called from the plugins' ``setup``) turns plain names into the
+parametrized ones of the live module (masks all ones, the stored tensor through ``right_inverse``),
+slices full-width tensors down to a compacted module's widths (:func:`set_compaction_plan`), and
+checks keys and shapes *before* a single tensor is copied, so a load that fails leaves the live model
+as it was. Then each plugin's ``on_load_checkpoint`` calls :func:`restore_raw`, which copies the raw
+entries back (Lightning restores callbacks after the model).
+
+Cost: one evaluation of each parametrization per checkpoint save; nothing during training steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "RAW_KEY",
+    "PlainCheckpoints",
+    "CheckpointMismatch",
+    "parametrized_tensors",
+    "to_plain_form",
+    "install_load_hook",
+    "set_compaction_plan",
+    "restore_raw",
+]
+
+RAW_KEY = "parametrizations"
+_HOOK_ATTR = "_sparsekit_load_hook"
+
+
+class CheckpointMismatch(RuntimeError):
+    """A state dict that does not fit the live model: raised before any tensor is copied."""
+
+
+def parametrized_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """``(module name, module, tensor name)`` of every parametrized tensor of ``model``."""
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name in module.parametrizations.keys():
+                yield name, module, tensor_name
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+@torch.no_grad()
+def to_plain_form(checkpoint: dict[str, Any], model: nn.Module) -> None:
+    """Rewrite ``checkpoint["state_dict"]`` of ``model`` (a LightningModule) in plain names, moving
+    the raw parametrization entries to ``checkpoint["parametrizations"]``. Idempotent: every plugin
+    calls it from ``on_save_checkpoint`` and only the first call finds work."""
+    state = checkpoint.get("state_dict")
+    if state is None:
+        return
+    raw: dict[str, torch.Tensor] = checkpoint.setdefault(RAW_KEY, {})
+    for mod_name, module, tensor_name in parametrized_tensors(model):
+        head = _join(mod_name, "parametrizations", tensor_name) + "."
+        entries = {k: state.pop(k) for k in [k for k in state if k.startswith(head)]}
+        if not entries:
+            continue
+        computed = getattr(module, tensor_name).detach().clone()
+        original = entries.pop(head + "original")
+        if not torch.equal(original, computed):  # masks alone leave them equal: keep one copy
+            raw[head + "original"] = original
+        raw.update(entries)
+        state[_join(mod_name, tensor_name)] = computed
+
+
+def _plain_to_parametrized(model: nn.Module, state: dict[str, Any], prefix: str) -> None:
+    """In place: plain entries of parametrized tensors become the live module's parametrized keys."""
+    live = None
+    for mod_name, module, tensor_name in parametrized_tensors(model):
+        plain = prefix + _join(mod_name, tensor_name)
+        head = prefix + _join(mod_name, "parametrizations", tensor_name) + "."
+        if plain not in state or head + "original" in state:
+            continue
+        value = state.pop(plain)
+        chain = module.parametrizations[tensor_name]
+        if tuple(value.shape) == tuple(getattr(module, tensor_name).shape):
+            with torch.no_grad():
+                value = value.to(chain.original)
+                for p in reversed(list(chain)):
+                    inverse = getattr(p, "right_inverse", None)
+                    if inverse is not None:
+                        try:
+                            value = inverse(value)
+                        except Exception:  # noqa: BLE001 - not invertible: the raw entry restores it
+                            break
+                        value = value[0] if isinstance(value, (tuple, list)) else value
+        state[head + "original"] = value
+        if live is None:
+            live = model.state_dict(keep_vars=True)
+        for key, tensor in live.items():
+            full = prefix + key
+            if full.startswith(head) and full not in state:
+                # A mask of ones: the module computes the plain value as saved.
+                state[full] = torch.ones_like(tensor) if key.endswith(".mask") else tensor.detach().clone()
+
+
+def _slice(state: dict[str, Any], plan: Mapping[str, Mapping[int, torch.Tensor]], prefix: str) -> None:
+    for key, dims in plan.items():
+        value = state.get(prefix + key)
+        if not torch.is_tensor(value):
+            continue
+        for dim, kept in dims.items():
+            if value.shape[dim] != kept.numel() and value.shape[dim] > int(kept.max(initial=-1)):
+                value = value.index_select(dim, kept.to(value.device))
+        state[prefix + key] = value
+
+
+def _check_fits(model: nn.Module, state: Mapping[str, Any], prefix: str) -> None:
+    live = model.state_dict(keep_vars=True)
+    wanted = {prefix + k: tuple(v.shape) for k, v in live.items()}
+    given = {k: tuple(v.shape) for k, v in state.items() if k.startswith(prefix) and torch.is_tensor(v)}
+    problems = [f"{k}: missing" for k in wanted if k not in given]
+    problems += [f"{k}: not in the model" for k in given if k not in wanted]
+    problems += [
+        f"{k}: {list(given[k])} in the checkpoint, {list(shape)} in the model"
+        for k, shape in wanted.items()
+        if k in given and given[k] != shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise CheckpointMismatch(f"the checkpoint does not fit this model ({shown}); the model was left unchanged")
+
+
+class _LoadHook:
+    """The ``load_state_dict`` pre-hook of a LightningModule with plugins (see the module doc)."""
+
+    def __init__(self) -> None:
+        self.plan: dict[str, dict[int, torch.Tensor]] = {}
+
+    def __call__(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+        _plain_to_parametrized(module, state_dict, prefix)
+        if self.plan:
+            _slice(state_dict, self.plan, prefix)
+        if strict:
+            _check_fits(module, state_dict, prefix)
+
+
+def install_load_hook(model: nn.Module) -> None:
+    """Let ``model`` load checkpoints in plain form while plugins parametrize it (once per model)."""
+    if getattr(model, _HOOK_ATTR, None) is None:
+        hook = _LoadHook()
+        model.register_load_state_dict_pre_hook(hook)
+        object.__setattr__(model, _HOOK_ATTR, hook)
+
+
+def set_compaction_plan(model: nn.Module, plan: Mapping[str, Mapping[int, torch.Tensor]]) -> None:
+    """After compaction: full-width checkpoints load into ``model`` sliced to its kept indices
+    (``plan``: state-dict key -> dim -> kept indices, from :func:`plugins.compaction.compact`)."""
+    install_load_hook(model)
+    getattr(model, _HOOK_ATTR).plan = {k: dict(v) for k, v in plan.items()}
+
+
+@torch.no_grad()
+def restore_raw(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """Copy the raw parametrization entries of ``checkpoint`` into ``model`` (a resumed run's
+    masks, unconstrained tensors, gate scores). Entries the live model does not hold (baked or
+    compacted since) are skipped: the plain values already loaded are what it computes with."""
+    raw = checkpoint.get(RAW_KEY) or {}
+    if not raw:
+        return
+    live = model.state_dict(keep_vars=True)
+    for key, value in raw.items():
+        target = live.get(key)
+        if target is not None and tuple(target.shape) == tuple(value.shape):
+            target.data.copy_(value)
+
+
+class PlainCheckpoints(L.Callback):
+    """Base of every plugin callback: its checkpoints are in plain form and its resumes restore
+    the raw entries. Subclasses call :func:`install_load_hook` in ``setup``."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        to_plain_form(checkpoint, pl_module)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        restore_raw(pl_module, checkpoint)
