@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from plugins.errors import ConfigError
@@ -27,6 +29,9 @@ from plugins.masks import sparsity
 from plugins.norm import NormFactory
 from plugins.selection import DEFAULT_MODULE_TYPES, resolve_module_types
 from plugins.sweeps import at_launch  # noqa: F401 - registers the ${at_launch:} resolver the configs use
+from runner.checkpoints import AtomicCheckpointIO, LastCheckpoint, RandomState, best_checkpoint, resolve_resume
+from runner.logger_history import keep_history
+from runner.run_folder import lock_run_folder, unlock_run_folder, write_atomically, write_json
 
 log = logging.getLogger("train")
 
@@ -112,29 +117,6 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return loggers
 
 
-class RandomState(L.Callback):
-    """Saves torch's and Python's random states in every checkpoint and restores them on resume,
-    so that dropout draws after a resume are those of the run that was never stopped."""
-
-    def state_dict(self) -> dict[str, Any]:
-        import random
-
-        state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        import random
-
-        torch.set_rng_state(state_dict["torch"])
-        # A checkpoint may hold Python's state as a list (after a round trip through a serializer).
-        version, internal, gauss = state_dict["python"]
-        random.setstate((version, tuple(internal), gauss))
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
-
-
 class EpochLine(L.Callback):
     """Prints one plain line per epoch when stdout is not a terminal (CI, files, SLURM logs)."""
 
@@ -147,21 +129,23 @@ class EpochLine(L.Callback):
 
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, plugins: list[L.Callback]) -> list[L.Callback]:
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    """Plugins first (their epoch-end work is in the checkpoint), then the user's extra callbacks,
+    the random state, and the checkpoints: last.ckpt (resume) and the best epoch (ckpt_path="best")."""
+    from lightning.pytorch.callbacks import RichProgressBar
 
-    checkpoint = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints",
-        filename="epoch{epoch:03d}",
-        auto_insert_metric_name=False,
-        save_last=True,
-        save_top_k=0,
-    )
     extra = [
         hydra.utils.instantiate(node, _convert_="all")
         for node in (cfg.get("callbacks") or {}).values()
         if node
     ]
-    callbacks: list[L.Callback] = [*plugins, *extra, RandomState(), checkpoint]
+    checkpoint = cfg.get("checkpoint") or {}
+    callbacks: list[L.Callback] = [
+        *plugins,
+        *extra,
+        RandomState(),
+        best_checkpoint(output_dir / "checkpoints", checkpoint.get("monitor", "val/acc"), checkpoint.get("mode", "max")),
+        LastCheckpoint(output_dir / "checkpoints", checkpoint.get("every_n_train_steps")),
+    ]
     if sys.stdout.isatty():
         callbacks.append(RichProgressBar(leave=True))
     else:
@@ -193,7 +177,7 @@ def export_program(net: torch.nn.Module, example: torch.Tensor, path: Path) -> s
     try:
         batch = torch.export.Dim("batch", min=1)
         program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
-        torch.export.save(program, path)
+        write_atomically(path, lambda tmp: torch.export.save(program, tmp))
         return None
     except Exception as err:  # noqa: BLE001 - any tracing failure: keep model.pt, say why
         log.warning("model.pt2 not written: torch.export failed (%s: %s)", type(err).__name__, err)
@@ -203,19 +187,13 @@ def export_program(net: torch.nn.Module, example: torch.Tensor, path: Path) -> s
         net.train(was_training)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write through a temporary file so that a crash never leaves half a summary."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float))
-    tmp.replace(path)
-
-
 def run(cfg: DictConfig) -> float:
     """One job, leaving the process as it found it: a multirun runs many jobs in one process."""
     environ = dict(os.environ)
     try:
         return train(cfg)
     finally:
+        unlock_run_folder(cfg.paths.output_dir)
         # Lightning leaves the process group and LOCAL_RANK/MASTER_PORT behind after DDP; the next
         # job of a sweep would join the old, finished group.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -229,6 +207,9 @@ def train(cfg: DictConfig) -> float:
     validate(cfg)
     use_job_scoped_ddp_children()
     output_dir = Path(cfg.paths.output_dir)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP's extra processes share their job's folder
+        lock_run_folder(output_dir)
+    ckpt_path, resume_line = resolve_resume(cfg.get("ckpt_path"), output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data, seed=cfg.seed)
@@ -240,18 +221,26 @@ def train(cfg: DictConfig) -> float:
     module = build_module(net=net, num_classes=datamodule.num_classes)
     plugins = build_plugins(cfg)
     loggers = build_loggers(cfg)
+    if ckpt_path is not None:
+        keep_history(loggers, torch.load(ckpt_path, map_location="cpu", weights_only=True)["global_step"])
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=build_callbacks(cfg, output_dir, plugins),
         logger=loggers or False,
         default_root_dir=str(output_dir),
         enable_progress_bar=sys.stdout.isatty(),
+        plugins=[AtomicCheckpointIO()],
     )
+    if resume_line:
+        print(resume_line, flush=True)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except SIGTERMException:
+            stop_on_signal(trainer)
         # The last validation epoch's metrics: what a sweeper optimizes (optimized_metric).
         val_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
@@ -284,7 +273,7 @@ def train(cfg: DictConfig) -> float:
             summary.update(plugin.summary())
     # On CPU, so that both files load on a machine without the training run's accelerator.
     net.cpu()
-    torch.save(net, output_dir / "model.pt")
+    write_atomically(output_dir / "model.pt", lambda tmp: torch.save(net, tmp))
     example, _ = next(iter(datamodule.test_dataloader()))
     failure = export_program(net, example[:2], output_dir / "model.pt2")
     summary["export"] = failure or "model.pt2"
@@ -293,6 +282,20 @@ def train(cfg: DictConfig) -> float:
     log.info("test/acc=%.4f  outputs in %s", summary["test/acc"], output_dir)
     print(f"test/acc={summary['test/acc']:.4f}  summary: {output_dir / 'summary.json'}", flush=True)
     return optimized_value(cfg, summary)
+
+
+def stop_on_signal(trainer: L.Trainer) -> None:
+    """A run stopped by SIGTERM (preemption) or Ctrl-C: say where its checkpoint is, and exit with
+    the signal's status (143 or 130) so that a scheduler sees it did not finish."""
+    saver = next(cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint))
+    name = saver.stopped_by or "SIGTERM"
+    print(
+        f"stopped by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}: "
+        f"{saver.path} holds it; continue with ckpt_path=last",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.exit(128 + getattr(signal, name))
 
 
 def optimized_value(cfg: DictConfig, summary: dict[str, Any]) -> float:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from plugins.errors import ConfigError
+from plugins.errors import ConfigError, is_number
 
 __all__ = ["DigitsDataModule", "UCRDataModule", "UCR_DATASETS"]
 
@@ -29,7 +29,7 @@ UCR_DATASETS = (
 
 
 def _check_fraction(key: str, value: float, low: float = 0.0, high: float = 1.0) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+    if not is_number(value) or not low <= value < high:
         raise ConfigError(key, value, f"a number in [{low}, {high})")
 
 
@@ -47,13 +47,15 @@ class EpochSeededSampler(Sampler[int]):
         self.length = length
         self.seed = seed
         self.epoch = 0
+        self.start = 0  # samples of this epoch already seen: a run resumed mid-epoch skips them once
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=g).tolist())
+        start, self.start = self.start, 0
+        return iter(torch.randperm(self.length, generator=g).tolist()[start:])
 
     def __len__(self) -> int:
         return self.length
@@ -73,11 +75,9 @@ class _ArrayDataModule(L.LightningDataModule):
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError("data.batch_size", batch_size, "an integer >= 1")
-        if isinstance(denoise_lambda, bool) or not isinstance(denoise_lambda, (int, float)) or denoise_lambda < 0:
+        if not is_number(denoise_lambda) or denoise_lambda < 0:
             raise ConfigError("data.denoise_lambda", denoise_lambda, "a number >= 0 (0 = off)")
-        if isinstance(random_gain, bool) or not isinstance(random_gain, (int, float)) or (
-            random_gain != 0 and random_gain < 1
-        ):
+        if not is_number(random_gain) or (random_gain != 0 and random_gain < 1):
             raise ConfigError("data.random_gain", random_gain, "0 (off) or a spread >= 1")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ConfigError("data.num_workers", num_workers, "an integer >= 0")
@@ -112,7 +112,23 @@ class _ArrayDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        loader = self._loader("train", shuffle=True)
+        loader.sampler.start = self._batches_done_this_epoch() * self.batch_size
+        return loader
+
+    def _batches_done_this_epoch(self) -> int:
+        """Batches of the current epoch a checkpoint written mid-epoch (SIGTERM, Ctrl-C, every N
+        steps) had trained on: Lightning restores that count and expects the loader to go on after
+        them. Zero for a fresh run or an end-of-epoch checkpoint."""
+        trainer = getattr(self, "trainer", None)
+        loop = getattr(trainer, "fit_loop", None)
+        if loop is None or not loop.restarting:
+            return 0
+        done = loop.epoch_loop.batch_progress.current.completed
+        n = -(-len(self.splits["train"]) // self.batch_size)
+        limit = trainer.limit_train_batches
+        n = min(n, limit) if isinstance(limit, int) else int(n * (limit if limit is not None else 1.0))
+        return done % n if n else 0
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
@@ -179,6 +195,8 @@ class UCRDataModule(_ArrayDataModule):
         if name not in UCR_DATASETS:
             raise ConfigError("data.name", name, f"one of the sets bundled in aeon: {', '.join(UCR_DATASETS)}")
         _check_fraction("data.val_fraction", val_fraction, 0.05, 0.5)
+        if not isinstance(znorm, bool):
+            raise ConfigError("data.znorm", znorm, "true or false")
         self.name = name
         self.val_fraction = val_fraction
         self.znorm = znorm

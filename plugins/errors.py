@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-__all__ = ["ConfigError"]
+__all__ = ["ConfigError", "is_number"]
 
 
 class ConfigError(ValueError):
@@ -19,3 +20,8 @@ class ConfigError(ValueError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): what every numeric setting must be; NaN and Inf never are."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

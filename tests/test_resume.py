@@ -1,81 +1,152 @@
-"""A run killed in the middle and resumed with ckpt_path=last ends exactly where the run that was
-never stopped ends: same weights, same masks, same schedule position."""
+"""A run stopped in the middle resumes with ckpt_path=last and ends where the run that was never
+stopped ends: the resumed process trains only what was left (counted from the steps it ran), and
+its final weights, masks and schedule position are those of the uninterrupted run."""
 
 from __future__ import annotations
 
-import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import run_train_cli
+from tests.conftest import ROOT, run_train_cli
 
+EPOCHS, BATCHES = 4, 5
 BASE = [
     "trainer.accelerator=cpu",
     "trainer.deterministic=true",
-    "trainer.max_epochs=4",
-    "trainer.limit_train_batches=5",
+    f"trainer.max_epochs={EPOCHS}",
+    f"trainer.limit_train_batches={BATCHES}",
     "trainer.limit_val_batches=2",
     "trainer.limit_test_batches=2",
     "logger=csv",
 ]
+# Hardshrink, random structured pruning and a constraint, all on at once, all mid-schedule at a stop.
+PLUGINS = [
+    "sparsity=gmp",
+    "sparsity.schedule.begin_epoch=0",
+    "sparsity.schedule.end_epoch=3",
+    "sparsity.schedule.every_n_steps=2",
+    "pruning=random",
+    "pruning.schedule.begin_epoch=1",
+    "pruning.schedule.end_epoch=3",
+    "constraints=non_negative",
+]
 
 
-def _state(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path / "model.pt", weights_only=False).state_dict()
+def _steps(path: Path) -> list[tuple[int, int]]:
+    """(epoch, step) of every batch a process trained, from tests.helpers.StepLog."""
+    return [tuple(map(int, line.split())) for line in path.read_text().split("\n") if line]
 
 
-def _train_killed_and_resumed(tmp_path: Path, overrides: list[str], crash_step: int) -> Path:
-    run_dir = tmp_path / "killed"
-    crash = f"+callbacks.crash={{_target_: tests.helpers.CrashAtStep, step: {crash_step}}}"
-    first = run_train_cli([*BASE, *overrides, crash, f"hydra.run.dir={run_dir}"])
-    assert first.returncode != 0 and f"killed at step {crash_step}" in first.stderr
-    assert not (run_dir / "summary.json").exists()
-    second = run_train_cli([*BASE, *overrides, "ckpt_path=last", f"hydra.run.dir={run_dir}"])
-    assert second.returncode == 0, second.stderr[-3000:]
-    return run_dir
+def _log(path: Path, sleep: float = 0.0) -> str:
+    return f"+callbacks.steps={{_target_: tests.helpers.StepLog, path: '{path}', sleep: {sleep}}}"
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        pytest.param([], id="no-plugins"),
-        pytest.param(
-            [
-                "sparsity=gmp",
-                "sparsity.schedule.begin_epoch=0",
-                "sparsity.schedule.end_epoch=3",
-                "sparsity.schedule.every_n_steps=2",
-                "pruning=random",
-                "pruning.schedule.begin_epoch=1",
-                "pruning.schedule.end_epoch=3",
-            ],
-            id="hardshrink+random-structured",
-        ),
-        pytest.param(["constraints=orthogonal"], id="orthogonal-projection"),
-        pytest.param(
-            [
-                "constraints=learned_mask",
-                "sparsity=gmp",
-                "sparsity.schedule.begin_epoch=0",
-                "sparsity.schedule.end_epoch=3",
-            ],
-            id="learned-mask+hardshrink",
-        ),
-    ],
-)
-def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, overrides: list[str]):
-    straight = tmp_path / "straight"
-    result = run_train_cli([*BASE, *overrides, f"hydra.run.dir={straight}"])
+def _final_state(run_dir: Path) -> dict:
+    """Weights (model.pt), and masks and schedule positions (last.ckpt, written before the bake)."""
+    model = torch.load(run_dir / "model.pt", weights_only=False).state_dict()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    plugins = {k: v for k, v in ckpt["callbacks"].items() if k.startswith(("Hardshrink", "Structured", "Weight"))}
+    return {"model": model, "raw": ckpt["parametrizations"], "plugins": plugins, "step": ckpt["global_step"]}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    masks = [k for k in a["raw"] if k.endswith(".mask")]
+    assert masks and a["raw"].keys() == b["raw"].keys()
+    for name in a["raw"]:
+        assert torch.equal(a["raw"][name], b["raw"][name]), name
+    assert len(a["plugins"]) == 3 and a["plugins"] == b["plugins"] and a["step"] == b["step"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    result = run_train_cli([*BASE, *PLUGINS, f"hydra.run.dir={run_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
-    resumed = _train_killed_and_resumed(tmp_path, overrides, crash_step=12)
-    a, b = _state(straight), _state(resumed)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    sa = json.loads((straight / "summary.json").read_text())
-    sb = json.loads((resumed / "summary.json").read_text())
-    for key in sa:
-        if key.startswith(("sparsity/", "pruning/", "constraints")):
-            assert sa[key] == sb[key], key
+    return _final_state(run_dir)
+
+
+def _resume(run_dir: Path, log: Path) -> subprocess.CompletedProcess:
+    result = run_train_cli([*BASE, *PLUGINS, _log(log), "ckpt_path=last", f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_killed_after_an_epoch_checkpoint_resumes_the_remaining_epochs(tmp_path: Path, uninterrupted: dict):
+    run_dir, first_log, second_log = tmp_path / "run", tmp_path / "first.log", tmp_path / "second.log"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *BASE, *PLUGINS, _log(first_log, 0.3), f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if last.is_file() and torch.load(last, weights_only=True)["epoch"] >= 1:  # epoch 2 of 4 is saved
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    saved = torch.load(last, weights_only=True)
+    done_epochs = saved["epoch"] + 1
+    assert 2 <= done_epochs < EPOCHS and not (run_dir / "summary.json").exists()
+
+    result = _resume(run_dir, second_log)
+    assert f"resuming from epoch {saved['epoch']}, step {saved['global_step']}" in result.stdout
+    ran = _steps(second_log)
+    assert sorted({e for e, _ in ran}) == list(range(done_epochs, EPOCHS))  # only the remaining epochs
+    assert [s for _, s in ran] == list(range(saved["global_step"], EPOCHS * BATCHES))
+    _assert_same(_final_state(run_dir), uninterrupted)
+
+
+@pytest.mark.parametrize(("name", "status"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_signal_in_the_middle_of_an_epoch_saves_and_resumes_from_that_step(
+    tmp_path: Path, uninterrupted: dict, name: str, status: int
+):
+    run_dir, first_log, second_log = tmp_path / "run", tmp_path / "first.log", tmp_path / "second.log"
+    stop = f"+callbacks.stop={{_target_: tests.helpers.SignalAtStep, step: 12, signal: {name}}}"
+    first = run_train_cli([*BASE, *PLUGINS, _log(first_log), stop, f"hydra.run.dir={run_dir}"])
+    assert first.returncode == status, first.stderr[-3000:]
+    assert f"stopped by {name} at epoch 2, step 13" in first.stderr
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "model.pt").exists()
+    assert [s for _, s in _steps(first_log)] == list(range(13))  # it finished the batch it was on
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 13
+
+    result = _resume(run_dir, second_log)
+    assert "resuming from epoch 2, step 13" in result.stdout
+    ran = _steps(second_log)
+    assert [s for _, s in ran] == list(range(13, EPOCHS * BATCHES))  # the rest of epoch 2, then 3
+    assert ran[0][0] == 2
+    _assert_same(_final_state(run_dir), uninterrupted)
+
+
+def test_resumed_run_keeps_the_metrics_history(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    stop = "+callbacks.stop={_target_: tests.helpers.SignalAtStep, step: 12}"
+    assert run_train_cli([*BASE, stop, f"hydra.run.dir={run_dir}"]).returncode == 143
+    _resume_plain = run_train_cli([*BASE, "ckpt_path=last", f"hydra.run.dir={run_dir}"])
+    assert _resume_plain.returncode == 0, _resume_plain.stderr[-3000:]
+    import csv
+
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    epochs = sorted({int(float(r["epoch"])) for r in rows if r.get("val/acc")})
+    assert epochs == list(range(EPOCHS))  # epochs 0-1 from the first process, 2-3 from the second
+    steps = [int(r["step"]) for r in rows if r.get("train/loss_step")]
+    assert len(steps) == len(set(steps))  # the steps after the checkpoint are not logged twice
+
+
+def test_ckpt_path_last_without_a_checkpoint_says_it_starts_fresh(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    result = run_train_cli([*BASE, "trainer.max_epochs=1", "ckpt_path=last", f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"no checkpoint in {run_dir / 'checkpoints'}: starting fresh" in result.stdout
