@@ -26,6 +26,7 @@ Cost: one evaluation of each parametrization per checkpoint save; nothing during
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -124,7 +125,7 @@ def _slice(state: dict[str, Any], plan: Mapping[str, Mapping[int, torch.Tensor]]
         if not torch.is_tensor(value):
             continue
         for dim, kept in dims.items():
-            if value.shape[dim] != kept.numel() and value.shape[dim] > int(kept.max(initial=-1)):
+            if kept.numel() and value.shape[dim] != kept.numel() and value.shape[dim] > int(kept.max()):
                 value = value.index_select(dim, kept.to(value.device))
         state[prefix + key] = value
 
@@ -141,6 +142,7 @@ def _check_fits(model: nn.Module, state: Mapping[str, Any], prefix: str) -> None
         if k in given and given[k] != shape
     ]
     if problems:
+        problems = [re.sub(r"\.parametrizations\.(\w+)\.original\b", r".\1", p) for p in problems]
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise CheckpointMismatch(f"the checkpoint does not fit this model ({shown}); the model was left unchanged")
 
