@@ -30,7 +30,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".tmp.{path.name}")
         super().save_checkpoint(checkpoint, tmp, storage_options=storage_options)
         os.replace(tmp, path)
 

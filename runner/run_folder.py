@@ -16,7 +16,7 @@ from typing import Any
 
 from plugins.errors import ConfigError
 
-__all__ = ["lock_run_folder", "unlock_run_folder", "write_atomically", "write_json"]
+__all__ = ["lock_explicit_run_folder", "lock_run_folder", "unlock_run_folder", "write_atomically", "write_json"]
 
 LOCK_NAME = ".run.lock"
 _held: dict[Path, int] = {}
@@ -54,7 +54,7 @@ def lock_run_folder(run_dir: str | Path, key: str = "hydra.run.dir") -> None:
 
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     """``write(tmp)`` then rename ``tmp`` to ``path``: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".tmp.{path.name}")  # same suffix: torch.export.save insists on .pt2
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -72,3 +72,15 @@ def unlock_run_folder(run_dir: str | Path) -> None:
     fd = _held.pop(Path(run_dir).resolve(), None)
     if fd is not None:
         os.close(fd)
+
+
+def lock_explicit_run_folder(argv: list[str]) -> None:
+    """Before Hydra writes ``.hydra/`` into it: lock the folder a single run names with
+    ``hydra.run.dir=``, so that a second run into a folder in use changes nothing there.
+    DDP's extra processes (``LOCAL_RANK`` > 0) share their job's folder and take no lock."""
+    if os.environ.get("LOCAL_RANK", "0") not in ("", "0") or {"-m", "--multirun"} & set(argv):
+        return
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        if sep and name.lstrip("+") == "hydra.run.dir" and value:
+            lock_run_folder(value.strip("'\""))
