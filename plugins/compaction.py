@@ -129,10 +129,27 @@ def _groups(dg: tp.DependencyGraph):
 def coupled_groups(
     model: nn.Module, example_inputs: Any, key: str = "pruning"
 ) -> list[CoupledGroup]:
-    """The dependency groups of ``model`` (module objects, not copies); used by
-    :class:`~plugins.structured.StructuredPruning` to mask coupled tensors together."""
-    dg = trace(model, example_inputs, key=key)
-    return [info for _, info in _groups(dg)]
+    """The dependency groups of ``model`` (its own module objects); used by
+    :class:`~plugins.structured.StructuredPruning` to mask coupled tensors together.
+
+    Traced on a baked copy, as :func:`compact` traces: a parametrization's own operations
+    (PyTorch's orthogonal maps) would enter the graph, and Torch-Pruning cannot map them.
+    """
+    replica = independent_copy(model)
+    bake(replica)
+    own = dict(model.named_modules())
+    name_of = {m: n for n, m in replica.named_modules()}
+
+    def mine(modules: list[nn.Module]) -> list[nn.Module]:
+        # Torch-Pruning's own operation nodes have no name in the model: kept as they are.
+        return [own.get(name_of.get(m), m) for m in modules]
+
+    groups = []
+    for _, info in _groups(trace(replica, example_inputs, key=key)):
+        info.producers, info.norms = mine(info.producers), mine(info.norms)
+        info.consumers = mine(info.consumers)
+        groups.append(info)
+    return groups
 
 
 def count(model: nn.Module, example_inputs: Any) -> tuple[int, int]:

@@ -20,10 +20,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from plugins.errors import ConfigError
+
 __all__ = [
     "Mask",
     "check_compatible",
     "get_mask",
+    "stored",
     "ensure_mask",
     "set_mask",
     "zero_optimizer_state",
@@ -61,14 +64,36 @@ def get_mask(module: nn.Module, tensor_name: str) -> Mask | None:
     return None
 
 
+def stored(module: nn.Module, tensor_name: str) -> list[torch.Tensor]:
+    """The tensor ``module.tensor_name`` is stored as, entry for entry: the tensor itself or its
+    parametrization's ``original``; none for a parametrization stored as several tensors
+    (weight_norm's ``g`` and ``v``), which :func:`check_compatible` refuses a mask on."""
+    if not parametrize.is_parametrized(module, tensor_name):
+        return [getattr(module, tensor_name)]
+    parametrizations = module.parametrizations[tensor_name]
+    return [parametrizations.original] if parametrizations.is_tensor else []
+
+
 def check_compatible(module: nn.Module, tensor_name: str) -> None:
     """Ask every parametrization already on ``module.tensor_name`` whether a mask may follow it.
 
     A constraint that cannot hold once entries are zeroed (an orthogonal matrix) raises a
-    ConfigError from its ``refuse_mask`` unless its rule set ``allow_masked`` (then it warns).
+    ConfigError from its ``refuse_mask`` unless its rule set ``allow_masked`` (then it warns). A
+    parametrization stored as several tensors is refused: :func:`set_mask` has nothing to zero.
     """
     if parametrize.is_parametrized(module, tensor_name):
-        for p in module.parametrizations[tensor_name]:
+        parametrizations = module.parametrizations[tensor_name]
+        if not parametrizations.is_tensor:
+            first = parametrizations[0]
+            raise ConfigError(
+                f"{getattr(first, 'rule_key', tensor_name)}.name",
+                getattr(first, "name", type(first).__name__),
+                f"a constraint a mask can follow on {getattr(first, 'target', tensor_name)}: this "
+                "one stores the tensor as several (weight_norm: g and v), none holding its "
+                "entries, so masked entries cannot be kept at zero where they are stored (exclude "
+                "the tensor from one of the two selections)",
+            )
+        for p in parametrizations:
             refuse = getattr(p, "refuse_mask", None)
             if refuse is not None:
                 refuse()
@@ -110,9 +135,9 @@ def set_mask(
     """
     mask = get_mask(module, tensor_name) or ensure_mask(module, tensor_name, tuple(keep.shape))
     mask.mask.mul_((keep != 0).to(mask.mask).expand_as(mask.mask))
-    original = module.parametrizations[tensor_name].original
-    original.mul_(mask.mask)
-    zero_optimizer_state(optimizers, original, mask.mask)
+    for original in stored(module, tensor_name):
+        original.mul_(mask.mask)
+        zero_optimizer_state(optimizers, original, mask.mask)
 
 
 @torch.no_grad()
@@ -164,12 +189,10 @@ def prune_in_place(
     """Zero the stored tensor and its optimizer state where ``keep`` is 0, without keeping a mask.
 
     For callbacks that let pruned weights regrow: the zeros hold until the gradient moves them.
+    They reach what the module computes with only through a constraint that sends zero to zero
+    (not softplus), and a tensor stored as several (weight_norm) has none to zero.
     """
-    param = (
-        module.parametrizations[tensor_name].original
-        if parametrize.is_parametrized(module, tensor_name)
-        else getattr(module, tensor_name)
-    )
-    keep = (keep != 0).to(param)
-    param.mul_(keep)
-    zero_optimizer_state(optimizers, param, keep.expand_as(param))
+    for param in stored(module, tensor_name):
+        kept = (keep != 0).to(param)
+        param.mul_(kept)
+        zero_optimizer_state(optimizers, param, kept.expand_as(param))

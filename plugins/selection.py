@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from plugins.errors import ConfigError
+from plugins.masks import stored
 
 __all__ = ["Target", "DEFAULT_MODULE_TYPES", "select_parameters", "resolve_module_types"]
 
@@ -37,10 +38,10 @@ class Target:
 
     @property
     def raw(self) -> torch.Tensor:
-        """The stored tensor: the parametrization's ``original`` when parametrized."""
-        if parametrize.is_parametrized(self.module, self.tensor_name):
-            return self.module.parametrizations[self.tensor_name].original
-        return getattr(self.module, self.tensor_name)
+        """The stored tensor: the parametrization's ``original`` when parametrized; for one stored
+        as several tensors (weight_norm's g and v), the tensor as computed, which has its shape."""
+        tensors = stored(self.module, self.tensor_name)
+        return tensors[0] if tensors else getattr(self.module, self.tensor_name)
 
 
 def resolve_module_types(names: Iterable[str | type], key: str = "module_types") -> tuple[type, ...]:

@@ -236,6 +236,9 @@ class WeightConstraints(PlainCheckpoints):
         for a in self.applied:
             if hasattr(a.constraint, "finalize_"):
                 a.constraint.finalize_()
+        # Measured now, on the values about to be baked: a constraint's own state (a learned
+        # mask's scores) fits its tensor's shape only until compaction removes slices.
+        self._final = self.violations()
         for a in self.applied:
             if parametrize.is_parametrized(a.module, a.tensor_name):
                 parametrize.remove_parametrizations(a.module, a.tensor_name, leave_parametrized=True)
@@ -315,9 +318,10 @@ class WeightConstraints(PlainCheckpoints):
     # --- run outputs ------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        """``{key}``: ``<tensor>/<constraint>`` -> violation on the final weights (baked or not),
-        ``{key}/max_violation``, ``{key}/projections`` (projection steps taken)."""
-        values = self.violations()
+        """``{key}``: ``<tensor>/<constraint>`` -> violation on the final weights (once baked: as
+        baked, before any compaction), ``{key}/max_violation``, ``{key}/projections`` (projection
+        steps taken)."""
+        values = self._final if self.baked else self.violations()
         return {
             self.key: values,
             f"{self.key}/max_violation": max(values.values()) if values else 0.0,
