@@ -33,8 +33,9 @@ from torch.nn.utils import parametrize
 
 from plugins.checkpoint_form import set_compaction_plan
 from plugins.compaction import CONV_LINEAR, compact, coupled_groups
+from plugins.constraints import WeightConstraints
 from plugins.errors import ConfigError
-from plugins.masks import ensure_mask, get_mask, set_mask
+from plugins.masks import ensure_mask, get_mask, prune_in_place, set_mask
 from plugins.scheduled import ScheduledMasking
 from plugins.schedules import Schedule
 from plugins.selection import DEFAULT_MODULE_TYPES, Target
@@ -211,13 +212,52 @@ class StructuredPruning(ScheduledMasking):
                 )
 
     def _keep_of(self, unit: _Unit) -> torch.Tensor:
+        """The slices of ``unit`` kept (bool, one per slice along ``dim``).
+
+        While the tensors carry their mask, the mask says; it may be the full tensor's (shared
+        with hardshrink): a slice is kept while any of its entries is. Once the mask is gone
+        (baked by this callback, or with the constraint on the same tensor by WeightConstraints,
+        whose bake removes every parametrization of the tensor; or by compaction), the weights
+        say: see :meth:`_nonzero_slices` (after compaction, fewer than ``unit.size`` slices).
+        """
         mask = get_mask(unit.members[0].module, unit.members[0].tensor_name)
         if mask is None:
-            return torch.ones(unit.size, dtype=torch.bool)
-        # The mask may be the full tensor's (shared with hardshrink): a slice is kept while any of
-        # its entries is.
+            return self._nonzero_slices(unit)
         m = mask.mask.detach()
         return (m.movedim(self.dim % m.dim(), 0).reshape(unit.size, -1) != 0).any(dim=1).cpu()
+
+    @torch.no_grad()
+    def _nonzero_slices(self, unit: _Unit) -> torch.Tensor:
+        """Slices along ``dim`` where some member, as the module computes with it (constraints,
+        then the mask), has a nonzero entry: what the final weights (``model.pt``) hold."""
+        keep = None
+        for member in unit.members:
+            w = member.tensor.detach()
+            d = self.dim % w.dim()
+            nonzero = (w.movedim(d, 0).reshape(w.shape[d], -1) != 0).any(dim=1).cpu()
+            keep = nonzero if keep is None else keep | nonzero
+        return keep
+
+    def _settle(self, optimizers: list[torch.optim.Optimizer] = ()) -> None:
+        """At the end of fit: a slice whose weights are all zero in every member counts as pruned,
+        whatever zeroed it (this mask, hardshrink's, or a constraint before it: a learned mask's
+        rounded gates, a clamp). Its mask, bias and norm follow, so that ``channels``, the baked
+        weights and the compact model agree (compaction removes exactly these slices)."""
+        for unit in self.units:
+            keep = self._keep_of(unit) & self._nonzero_slices(unit)
+            for member in unit.members:
+                if get_mask(member.module, member.tensor_name) is not None:
+                    device = member.raw.device
+                    shape = self.mask_shape(member)
+                    set_mask(
+                        member.module, member.tensor_name, keep.view(shape).to(device), optimizers
+                    )
+            for _, module, tensor_name in unit.extras:
+                device = getattr(module, tensor_name).device
+                if get_mask(module, tensor_name) is not None:
+                    set_mask(module, tensor_name, keep.to(device), optimizers)
+                elif not parametrize.is_parametrized(module, tensor_name):
+                    prune_in_place(module, tensor_name, keep.to(device), optimizers)
 
     def compute_keep(self, value: float) -> dict[str, torch.Tensor]:
         update = len(self.history)  # in the checkpoint: the same on every rank and after resume
@@ -264,6 +304,8 @@ class StructuredPruning(ScheduledMasking):
             return
         if self.seed is None:
             self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        if self.compact:
+            self._check_parametrizations_may_go(trainer)
         super().setup(trainer, pl_module, stage)
         if self.compact or (self.couple and self.dim == 0):
             self._example = self._example_inputs(trainer, pl_module)
@@ -273,6 +315,20 @@ class StructuredPruning(ScheduledMasking):
             for _, module, tensor_name in unit.extras:
                 ensure_mask(module, tensor_name)
         self._sync_extras()
+
+    def _check_parametrizations_may_go(self, trainer: L.Trainer) -> None:
+        """Compaction bakes every parametrization of the model: refuse it next to constraints
+        told to stay parametrizations after fit (their summary and state would describe tensors
+        that are gone)."""
+        for callback in trainer.callbacks:
+            if isinstance(callback, WeightConstraints) and not callback.bake_at_end:
+                raise ConfigError(
+                    f"{self.key}.compact",
+                    True,
+                    f"false while {callback.key}.bake_at_end=false keeps the constraints as "
+                    f"parametrizations (compaction bakes them; set {callback.key}.bake_at_end=true "
+                    "to compact)",
+                )
 
     @property
     def _seed(self) -> int:
@@ -400,7 +456,8 @@ class StructuredPruning(ScheduledMasking):
             pl_module.log_dict(kept, on_step=False, on_epoch=True, sync_dist=False)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._channels = self.channels()
+        # Constraints on the same tensors are final by now (WeightConstraints comes first).
+        self._settle(trainer.optimizers)
         super().on_fit_end(trainer, pl_module)
         if self.bake_at_end:
             for unit in self.units:
@@ -420,7 +477,8 @@ class StructuredPruning(ScheduledMasking):
             self.compaction = report
 
     def channels(self) -> dict[str, str]:
-        """Target name -> "kept/total" slices along ``dim``."""
+        """Target name -> "kept/total" slices along ``dim``: the mask's while there is one, then
+        those of the final (baked, compacted) weights that are not all zero."""
         out = {}
         for unit in self.units:
             keep = self._keep_of(unit)
@@ -440,7 +498,7 @@ class StructuredPruning(ScheduledMasking):
 
     def summary(self) -> dict[str, Any]:
         out = super().summary()
-        out[f"{self.key}/channels"] = getattr(self, "_channels", None) or self.channels()
+        out[f"{self.key}/channels"] = self.channels()
         if self.compaction is not None:
             out["compaction"] = {
                 k: self.compaction[k]
