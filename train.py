@@ -29,6 +29,7 @@ from plugins.masks import sparsity
 from plugins.norm import NormFactory
 from plugins.selection import DEFAULT_MODULE_TYPES, resolve_module_types
 from plugins.sweeps import at_launch  # noqa: F401 - registers the ${at_launch:} resolver the configs use
+from runner import validation
 from runner.checkpoints import AtomicCheckpointIO, LastCheckpoint, RandomState, best_checkpoint, resolve_resume
 from runner.logger_history import keep_history
 from runner.run_folder import lock_run_folder, unlock_run_folder, write_atomically, write_json
@@ -53,24 +54,10 @@ OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks of top-level keys; each group's own values are checked by the object it builds."""
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise ConfigError("seed", cfg.seed, "an integer >= 0")
-    for group in ("sparsity", "pruning", "constraints"):
-        node = cfg.get(group)
-        if node and "_target_" not in node:
-            raise ConfigError(group, OmegaConf.to_container(node), f"a {group} config with _target_")
-    ckpt = cfg.get("ckpt_path")
-    if ckpt not in (None, "last"):
-        path = Path(hydra.utils.to_absolute_path(str(ckpt)))
-        if not path.is_file():
-            raise ConfigError("ckpt_path", ckpt, "null, 'last', or the path of an existing checkpoint")
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
-            raise ConfigError(
-                "ckpt_path", ckpt, f"a readable Lightning checkpoint ({type(err).__name__})"
-            ) from None
+    """Every value a user can type, before anything is built or written (runner/validation.py:
+    finite numbers, keys and types against the targets' signatures, the Trainer's arguments,
+    schedule windows, optimized_metric, ckpt_path); each plugin also checks its own."""
+    validation.check_config(cfg)
 
 
 def ddp_child_command(local_rank: int) -> tuple[list[str], str]:
@@ -219,7 +206,10 @@ def train(cfg: DictConfig) -> float:
     net = build_net(in_channels=datamodule.in_channels, num_classes=datamodule.num_classes, norm=norm)
     build_module = hydra.utils.instantiate(cfg.module, _partial_=True)
     module = build_module(net=net, num_classes=datamodule.num_classes)
+    checkpoint = validation.read_checkpoint(cfg.get("ckpt_path"), ckpt_path)  # None: a fresh start
+    validation.check_checkpoint_matches(cfg.get("ckpt_path"), checkpoint, module)
     plugins = build_plugins(cfg)
+    validation.check_checkpoint_plugins(cfg.get("ckpt_path"), checkpoint, plugins)
     loggers = build_loggers(cfg)
     if ckpt_path is not None:
         keep_history(loggers, torch.load(ckpt_path, map_location="cpu", weights_only=True)["global_step"])
@@ -307,15 +297,6 @@ def optimized_value(cfg: DictConfig, summary: dict[str, Any]) -> float:
     return float(summary[key])
 
 
-def config_error_in(err: BaseException) -> ConfigError | None:
-    """The ConfigError behind ``err``, also when Hydra's instantiate wrapped it."""
-    while err is not None:
-        if isinstance(err, ConfigError):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
-
-
 def check_group_choices(argv: list[str], conf_dir: Path = Path(__file__).parent / "conf") -> None:
     """``norm=banana`` -> one line naming the group, the value and the options, before Hydra
     composes anything (Hydra's own message spans a screen)."""
@@ -327,23 +308,26 @@ def check_group_choices(argv: list[str], conf_dir: Path = Path(__file__).parent 
         options = sorted(p.stem for p in group_dir.glob("*.yaml"))
         for choice in value.split(","):
             if choice not in options and choice != "null":
-                print(f"error: {name}={choice!r} is not allowed: one of {', '.join(options)}", file=sys.stderr)
-                sys.exit(2)
+                raise ConfigError(name, choice, f"one of {', '.join(options)}")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    validation.info_to_stdout()  # again: Hydra has just configured logging
     try:
         return run(cfg)
     except Exception as err:
-        user_error = config_error_in(err)
+        user_error = validation.user_error_in(err)
         if user_error is None:
             raise
-        # A user's mistake: one line, no traceback, non-zero exit.
-        print(f"error: {user_error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        validation.exit_with(user_error)  # a user's mistake: one line, exit 2, no traceback
 
 
 if __name__ == "__main__":
-    check_group_choices(sys.argv[1:])
+    validation.info_to_stdout()
+    try:
+        check_group_choices(sys.argv[1:])
+        validation.check_command_line(sys.argv[1:], Path(__file__).parent / "conf")
+    except ConfigError as err:
+        validation.exit_with(err)
     main()

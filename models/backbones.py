@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from plugins.errors import ConfigError
+from plugins.errors import ConfigError, is_number
 from plugins.norm import NormFactory
 
 __all__ = ["DigitsCNN", "FCN1d", "ResNet1d", "ResidualBlock1d"]
@@ -44,7 +44,7 @@ class DigitsCNN(nn.Module):
         super().__init__()
         norm = norm or NormFactory("batch")
         w1, w2, w3 = _check_widths("model.widths", widths, 3)
-        if not 0 <= dropout < 1:
+        if not is_number(dropout) or not 0 <= dropout < 1:
             raise ConfigError("model.dropout", dropout, "a number in [0, 1)")
         self.features = nn.Sequential(
             _block(nn.Conv2d(in_channels, w1, 3, padding=1, bias=False), norm(w1, 2, "features.0.1")),

@@ -9,13 +9,9 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from plugins.errors import ConfigError
+from plugins.errors import ConfigError, is_number
 
 __all__ = ["Classifier"]
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class Classifier(L.LightningModule):
@@ -40,11 +36,11 @@ class Classifier(L.LightningModule):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        if not _is_number(lr) or lr <= 0:
-            raise ConfigError("module.lr", lr, "a number > 0")
-        if not _is_number(weight_decay) or weight_decay < 0:
-            raise ConfigError("module.weight_decay", weight_decay, "a number >= 0")
-        if not _is_number(label_smoothing) or not 0 <= label_smoothing < 1:
+        if not is_number(lr) or lr <= 0:
+            raise ConfigError("module.lr", lr, "a finite number > 0")
+        if not is_number(weight_decay) or weight_decay < 0:
+            raise ConfigError("module.weight_decay", weight_decay, "a finite number >= 0")
+        if not is_number(label_smoothing) or not 0 <= label_smoothing < 1:
             raise ConfigError("module.label_smoothing", label_smoothing, "a number in [0, 1)")
         self.save_hyperparameters(ignore=["net"])
         self.net = net

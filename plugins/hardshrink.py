@@ -146,6 +146,28 @@ class HardshrinkSparsifier(ScheduledMasking):
     # --- the sparsifier ---------------------------------------------------------------------------
 
     @override
+    @torch.no_grad()
+    def validate_targets(self, targets: list[Target]) -> None:
+        """Threshold mode: refuse a scheduled lambda at or above the largest ``|w|`` of the selected
+        weights (in ``setup``, before the first batch): it would zero every one of them at once."""
+        if self.mode != "threshold":
+            return
+        sizes = [(float(t.tensor.detach().abs().max()), t.name) for t in targets if t.tensor.numel()]
+        if not sizes:
+            return
+        largest, name = max(sizes)
+        s = self.schedule
+        end = "end" if s.kind == "constant" or s.end >= s.start else "start"
+        peak = getattr(s, end)
+        if peak >= largest:
+            raise ConfigError(
+                f"{self.key}.schedule.{end}",
+                peak,
+                f"a lambda below the largest |w| of the selected weights ({largest:.4g}, in {name}): "
+                "hardshrink would set every selected weight to 0",
+            )
+
+    @override
     def compute_keep(self, value: float) -> dict[str, torch.Tensor]:
         keep, self.lambdas = hardshrink_keep(self.targets, self.mode, self.scope, value)
         return keep

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from plugins.errors import ConfigError
+from plugins.errors import ConfigError, is_number
 
 __all__ = [
     "NORM_KINDS",
@@ -76,8 +76,10 @@ class NormFactory:
             raise ConfigError("norm.num_groups", self.num_groups, "an integer >= 1")
         if not isinstance(self.affine, bool):
             raise ConfigError("norm.affine", self.affine, "true or false")
-        if self.eps <= 0:
-            raise ConfigError("norm.eps", self.eps, "a number > 0")
+        if self.track_running_stats is not None and not isinstance(self.track_running_stats, bool):
+            raise ConfigError("norm.track_running_stats", self.track_running_stats, "true, false or null")
+        if not is_number(self.eps) or self.eps <= 0:
+            raise ConfigError("norm.eps", self.eps, "a finite number > 0")
 
     def __call__(self, channels: int, dims: int = 2, name: str = "") -> nn.Module:
         return make_norm(self, channels, dims, name)

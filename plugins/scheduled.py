@@ -41,6 +41,10 @@ class ScheduledMasking(PlainCheckpoints):
         key: the config key that names this callback in error messages and logged metrics.
     """
 
+    #: Where ``include``/``exclude``/``module_types`` sit under ``key`` in a config, for errors:
+    #: ``sparsity.targets.include``; ``""`` for a callback that takes them as its own arguments.
+    targets_key = "targets"
+
     def __init__(
         self,
         schedule: Schedule | dict[str, Any],
@@ -88,9 +92,8 @@ class ScheduledMasking(PlainCheckpoints):
         install_load_hook(pl_module)
         if self.targets:
             return
-        self.targets = select_parameters(
-            pl_module, self.include, self.exclude, self.module_types, key=f"{self.key}.targets"
-        )
+        where = f"{self.key}.{self.targets_key}" if self.targets_key else self.key
+        self.targets = select_parameters(pl_module, self.include, self.exclude, self.module_types, key=where)
         for target in self.targets:
             if not torch.isfinite(target.raw).all():
                 raise ConfigError(

@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 from plugins.checkpoint_form import set_compaction_plan
 from plugins.compaction import CONV_LINEAR, compact, coupled_groups
 from plugins.constraints import WeightConstraints
-from plugins.errors import ConfigError
+from plugins.errors import ConfigError, is_number
 from plugins.masks import ensure_mask, get_mask, prune_in_place, set_mask
 from plugins.scheduled import ScheduledMasking
 from plugins.schedules import Schedule
@@ -119,6 +119,8 @@ class StructuredPruning(ScheduledMasking):
         key: the config key named in errors and logged metrics.
     """
 
+    targets_key = ""  # include, exclude and module_types are this callback's own arguments
+
     def __init__(
         self,
         method: str = "l1",
@@ -142,7 +144,7 @@ class StructuredPruning(ScheduledMasking):
                 f"{key}.amount", amount, "either amount or schedule, not both and not neither"
             )
         if amount is not None:
-            if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+            if not is_number(amount):
                 raise ConfigError(f"{key}.amount", amount, "a fraction in [0, 1] or a whole count")
             schedule = Schedule(kind="constant", start=amount, end=amount)
         super().__init__(
@@ -202,6 +204,11 @@ class StructuredPruning(ScheduledMasking):
         return tuple(shape)
 
     def validate_targets(self, targets: list[Target]) -> None:
+        """``dim`` must be a dimension of every target. A negative ``dim`` means its positive alias
+        (``-4`` on 4-D weights is exactly ``dim=0``, coupling and compaction included): when it
+        names one axis for every target it becomes that axis; an alias that is 0 for some targets
+        only would prune those without their coupled biases and norms, so it is refused."""
+        aliases = {}
         for t in targets:
             ndim = t.raw.dim()
             if not -ndim <= self.dim < ndim:
@@ -210,6 +217,19 @@ class StructuredPruning(ScheduledMasking):
                     self.dim,
                     f"a dimension of {t.name} (shape {tuple(t.raw.shape)})",
                 )
+            aliases[t.name] = self.dim % ndim
+        axes = set(aliases.values())
+        if len(axes) == 1:
+            self.dim = axes.pop()
+        elif 0 in axes and self.couple:
+            first = next(n for n, a in aliases.items() if a == 0)
+            other = next(n for n, a in aliases.items() if a != 0)
+            raise ConfigError(
+                f"{self.key}.dim",
+                self.dim,
+                f"one axis of every selected tensor ({self.dim} is axis 0 of {first} but axis "
+                f"{aliases[other]} of {other}): give it as a positive dim",
+            )
 
     def _keep_of(self, unit: _Unit) -> torch.Tensor:
         """The slices of ``unit`` kept (bool, one per slice along ``dim``).

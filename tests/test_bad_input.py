@@ -1,81 +1,421 @@
-"""Every mistake a user can type: a non-zero exit, one line naming the key, no summary.json."""
+"""Every mistake a user can type, refused the same way: exit status 2, one line on stderr that starts
+``error:`` and names the key as the user typed it, no traceback, and nothing a run writes (no
+``summary.json``, ``model.pt``, ``model.pt2`` or checkpoint) left in the run folder.
+
+Each group below is a list of user mistakes. The rules behind them are general (runner/validation.py
+and each plugin's own checks), so a mistake not listed here is refused the same way.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import hydra
+import lightning as L
 import pytest
+import torch
 
-from tests.conftest import FAST, run_train_cli
+from models import Classifier, DigitsCNN, ResNet1d
+from plugins import ConfigError, HardshrinkSparsifier, NormFactory, StructuredPruning, WeightConstraints
+from tests.conftest import FAST, compose_config, run_train_cli
 
+# FAST with two epochs, so that the plugins' default windows (from epoch 1) start within the run.
+SHORT = [*FAST, "trainer.max_epochs=2"]
 UCR = ["+experiment=ucr_baseline"]
+OUTPUTS = ("summary.json", "model.pt", "model.pt2")
 
-CASES = [
-    # unknown names
-    (["norm=banana"], "norm='banana' is not allowed: one of batch"),
-    (["+experiment=nope"], "experiment='nope' is not allowed"),
-    ([*UCR, "data.name=PLAID"], "data.name='PLAID' is not allowed: one of the sets bundled in aeon"),
-    (["logger=splunk"], "logger='splunk' is not allowed"),
-    # malformed overrides and wrong types
-    (["trainer.max_epochs=="], "trainer.max_epochs"),
-    (["data.batch_size=abc"], "data.batch_size='abc'"),
-    (["norm.affine=maybe"], "norm.affine='maybe'"),
-    (["module.lr=fast"], "module.lr='fast'"),
-    # out-of-range values
-    (["seed=-3"], "seed=-3"),
-    (["data.batch_size=0"], "data.batch_size=0"),
-    (["data.denoise_lambda=-0.1"], "data.denoise_lambda=-0.1"),
-    (["data.random_gain=0.5"], "data.random_gain=0.5"),
-    (["module.lr=-1"], "module.lr=-1"),
-    (["model.dropout=1.5"], "model.dropout=1.5"),
-    (["model.widths=[32,64]"], "model.widths=[32, 64]"),
-    # impossible combinations
-    (["norm=group", "norm.num_groups=5"], "norm.num_groups=5 is not allowed: a divisor of the 32 channels"),
-    # sparsity
-    (["sparsity=hardshrink", "sparsity.schedule.end=-0.1"], "sparsity.schedule.end=-0.1 is not allowed: a lambda >= 0"),
-    (["sparsity=gmp", "sparsity.schedule.end=1.0"], "sparsity.schedule.end=1.0 is not allowed: a fraction of zeros in [0, 1)"),
-    (["sparsity=gmp", "sparsity.schedule.begin_epoch=5", "sparsity.schedule.end_epoch=2"], "sparsity.schedule.end_epoch=2"),
-    (["sparsity=gmp", "sparsity.targets.include=[nomatch*]"], "sparsity.targets.include='nomatch*'"),
-    (["sparsity=gmp", "sparsity.mode=fast"], "sparsity.mode='fast' is not allowed: one of threshold, sparsity"),
-    (["sparsity=gmp", "sparsity.schedule.every_n_steps=0"], "sparsity.schedule.every_n_steps=0"),
-    # structured pruning
-    (["pruning=l1", "pruning.schedule.end=1.5"], "pruning.schedule.end=1.5 is not allowed: a fraction in [0, 1]"),
-    (["pruning=l1", "pruning.dim=7"], "pruning.dim=7 is not allowed: a dimension of net.features.0.0.weight"),
-    (
-        ["pruning=l1", "pruning.schedule.end=1.0", "pruning.schedule.begin_epoch=0", "pruning.schedule.end_epoch=0"],
-        "an amount that leaves at least one of the",
-    ),
-    (["pruning=l1", "pruning.method=magic"], "pruning.method='magic' is not allowed: one of random, l1, l2"),
-    # constraints
-    (["constraints=non_negative", "constraints.rules.0.name=positive"], "constraints.rules[0].name='positive' is not allowed: one of the registered constraints"),
-    (["constraints=non_negative", "constraints.rules.0.include=[nomatch*]"], "constraints.rules[0].include='nomatch*'"),
-    (["constraints=learned_mask", "constraints.rules.0.args.init=1.5"], "constraints.rules[0].args.init=1.5 is not allowed: a gate value in (0.5, 1)"),
-    (["constraints=orthogonal", "pruning=l1"], "constraints.rules[0].allow_masked=False is not allowed"),
-    # checkpoints
-    (["ckpt_path=/no/such/file.ckpt"], "ckpt_path='/no/such/file.ckpt'"),
+
+def mistake(*args: str, key: str | None = None, says: str = "", skip: str | None = None):
+    """One command line mistake: ``key`` is the key as typed (default: the last argument's), and
+    ``says`` a part of the one line that must be printed."""
+    key = key or args[-1].partition("=")[0].lstrip("+~")
+    marks = [pytest.mark.skipif(True, reason=skip)] if skip else []
+    return pytest.param(list(args), key, says, id=" ".join(args), marks=marks)
+
+
+def _assert_refused(
+    run_dir: Path, args: list[str], key: str, says: str = "", folder_args: list[str] | None = None
+) -> str:
+    """Run ``train.py`` as a user types it and check the refusal; returns the line."""
+    if folder_args is None:
+        folder_args = [f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}"]
+    flags = [a for a in args if a.startswith("-")]  # Hydra reads its flags (-m) before the overrides
+    overrides = [a for a in args if not a.startswith("-")]
+    result = run_train_cli([*flags, *SHORT, *overrides, *folder_args], timeout=180)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    shown = result.stderr[-3000:]
+    assert result.returncode == 2, f"exit {result.returncode}\n{shown}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), shown
+    assert key in lines[0], f"the key {key!r} is not named: {lines[0]}"
+    assert says in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+    if run_dir.is_dir():
+        left = [p for p in run_dir.rglob("*") if p.name in OUTPUTS or p.suffix == ".ckpt"]
+        assert not left, f"left behind: {left}"
+    return lines[0]
+
+
+# --- NaN and Inf are values too: every number anywhere in the config is finite ---------------------
+
+NAN_AND_INF = [
+    mistake("module.lr=inf", says="module.lr=inf is not allowed: a finite number"),
+    mistake("module.weight_decay=-inf", says="module.weight_decay=-inf"),
+    mistake("norm.eps=nan", says="norm.eps=nan is not allowed: a finite number"),
+    mistake("norm=group", "norm.eps=inf", says="norm.eps=inf"),
+    mistake("data.random_gain=nan", says="data.random_gain=nan"),
+    mistake(*UCR, "data.random_gain=inf", says="data.random_gain=inf"),
+    mistake("model.dropout=nan", says="model.dropout=nan"),
+    mistake("model.widths=[32,nan,128]", key="model.widths.1", says="model.widths.1=nan"),
+    mistake("sparsity=hardshrink", "sparsity.schedule.end=nan", says="sparsity.schedule.end=nan"),
+    mistake("pruning=l1", "pruning.schedule.end=nan", says="pruning.schedule.end=nan"),
+    mistake("constraints=learned_mask", "constraints.rules.0.args.temperature=nan", says="temperature=nan"),
+    mistake("constraints=orthogonal", "constraints.rules.0.args.tol=nan", says="tol=nan"),
+    mistake("trainer.limit_train_batches=nan", says="trainer.limit_train_batches=nan"),
+    mistake("+trainer.gradient_clip_val=inf", says="trainer.gradient_clip_val=inf"),
 ]
 
+# --- a boolean is true or false ---------------------------------------------------------------------
 
-def _corrupted_checkpoint(tmp_path: Path) -> str:
-    path = tmp_path / "broken.ckpt"
-    path.write_bytes(b"this is not a checkpoint")
+BOOLEANS = [
+    mistake("norm.affine=maybe", says="norm.affine='maybe'"),
+    mistake("norm.track_running_stats=maybe", says="norm.track_running_stats='maybe'"),
+    mistake("pruning=l1", "pruning.compact=maybe", says="pruning.compact='maybe'"),
+    mistake("pruning=l1", "pruning.couple=1", says="pruning.couple=1"),
+    mistake("sparsity=gmp", "sparsity.regrow=maybe", says="sparsity.regrow='maybe'"),
+    mistake("trainer.deterministic=maybe", says="trainer.deterministic='maybe'"),
+    mistake(*UCR, "data.znorm=maybe", says="data.znorm='maybe'"),
+    mistake("constraints=orthogonal", "constraints.bake_at_end=maybe", says="constraints.bake_at_end='maybe'"),
+    mistake("constraints=learned_mask", "constraints.rules.0.allow_masked=maybe", says="allow_masked='maybe'"),
+    mistake("logger=tensorboard", "logger.tensorboard.default_hp_metric=maybe", says="default_hp_metric='maybe'"),
+]
+
+# --- an unknown key, with or without +, names the closest valid one --------------------------------
+
+UNKNOWN_KEYS = [
+    mistake("+foo=1", says="foo=1 is not allowed: a key of the config"),
+    mistake("foo=1", says="foo=1 is not allowed: a key of the config"),
+    mistake("+trainer.bogus=1", says="closest: trainer."),
+    mistake("trainer.max_epoch=3", says="closest: trainer.max_epochs"),
+    mistake("trainer.gradient_clip_val=1", says="+trainer.gradient_clip_val"),
+    mistake("sparsity=gmp", "sparsity.typo=1", says="closest: sparsity."),
+    mistake("sparsity=gmp", "+sparsity.typo=1", says="closest: sparsity."),
+    mistake("+sparsity.typo=1", says="choose sparsity="),
+    mistake("sparsity=gmp", "+sparsity.schedule.begin=1", says="closest: sparsity.schedule.begin_epoch"),
+    mistake("sparsity=gmp", "+sparsity.targets.includes=[x]", says="include"),
+    mistake("pruning=l1", "+pruning.amountt=0.5", says="closest: pruning.amount"),
+    mistake("+model.depth=3", says="closest: model."),
+    mistake("+data.batchsize=8", says="closest: data.batch_size"),
+    mistake("+norm.momentum=0.1", says="closest: norm."),
+    mistake("constraints=non_negative", "+constraints.rules.0.args.betta=2", says="beta"),
+    mistake("+callbacks.stop=1", says="callbacks.stop=1 is not allowed"),
+    mistake("hydra.foo=1", says="hydra.foo=1 is not allowed"),
+]
+
+# --- Hydra's and Lightning's own errors, as one line naming the key typed ---------------------------
+
+HYDRA_AND_LIGHTNING = [
+    mistake("norm=banana", says="norm='banana' is not allowed: one of batch"),
+    mistake("+experiment=nope", says="experiment='nope' is not allowed"),
+    mistake("logger=splunk", says="logger='splunk' is not allowed"),
+    mistake("trainer=tpu", says="trainer='tpu' is not allowed: one of cpu"),
+    mistake("hydra/launcher=nope", says="hydra/launcher='nope' is not allowed: one of basic"),
+    mistake("hydra/sweeper=nope", says="hydra/sweeper='nope' is not allowed: one of basic"),
+    mistake("trainer.max_epochs==", says="trainer.max_epochs"),
+    mistake("norm.eps=[1e-5", says="norm.eps"),
+    mistake("norm.eps=1e-5,1e-3", says="add -m to sweep"),
+    mistake("trainer.accelerator=tpu2", says="trainer.accelerator='tpu2'"),
+    mistake(
+        "trainer.accelerator=gpu",
+        says="trainer.accelerator='gpu'",
+        skip="this machine has a GPU" if torch.cuda.is_available() else None,
+    ),
+    mistake("trainer.devices=0", says="trainer.devices=0"),
+    mistake("trainer.devices=-5", says="trainer.devices=-5"),
+    mistake("trainer.strategy=nope", says="trainer.strategy='nope'"),
+    mistake("trainer.precision=99", says="trainer.precision=99"),
+    mistake("trainer.max_epochs=0", says="trainer.max_epochs=0"),
+    mistake("trainer.log_every_n_steps=0", says="trainer.log_every_n_steps=0"),
+    mistake("-m", "module.lr=0.001,nan", says="module.lr=nan"),
+    mistake("-m", "norm=batch,banana", key="norm", says="norm='banana'"),
+]
+
+# --- wrong types and out-of-range values (each object checks its own arguments) --------------------
+
+VALUES = [
+    mistake("data.batch_size=abc", says="data.batch_size='abc'"),
+    mistake("module.lr=fast", says="module.lr='fast'"),
+    mistake("seed=-3", says="seed=-3"),
+    mistake("data.batch_size=0", says="data.batch_size=0"),
+    mistake("data.denoise_lambda=-0.1", says="data.denoise_lambda=-0.1"),
+    mistake("data.random_gain=0.5", says="data.random_gain=0.5"),
+    mistake("module.lr=-1", says="module.lr=-1"),
+    mistake("model.dropout=1.5", says="model.dropout=1.5"),
+    mistake("model.widths=[32,64]", says="model.widths=[32, 64]"),
+    mistake(*UCR, "data.name=PLAID", says="data.name='PLAID' is not allowed: one of the sets bundled in aeon"),
+    mistake("norm=group", "norm.num_groups=5", says="norm.num_groups=5 is not allowed: a divisor of the 32 channels"),
+]
+
+# --- sparsity, structured pruning and constraints ---------------------------------------------------
+
+PLUGINS = [
+    mistake("sparsity=hardshrink", "sparsity.schedule.end=-0.1", says="sparsity.schedule.end=-0.1 is not allowed: a lambda >= 0"),
+    mistake("sparsity=gmp", "sparsity.schedule.end=1.0", says="sparsity.schedule.end=1.0 is not allowed: a fraction of zeros in [0, 1)"),
+    mistake("sparsity=gmp", "sparsity.schedule.begin_epoch=5", "sparsity.schedule.end_epoch=2", says="sparsity.schedule.end_epoch=2"),
+    mistake("sparsity=gmp", "sparsity.targets.include=[nomatch*]", says="sparsity.targets.include='nomatch*'"),
+    mistake("sparsity=gmp", "sparsity.mode=fast", says="sparsity.mode='fast' is not allowed: one of threshold, sparsity"),
+    mistake("sparsity=gmp", "sparsity.schedule.every_n_steps=0", says="sparsity.schedule.every_n_steps=0"),
+    mistake("pruning=l1", "pruning.schedule.end=1.5", says="pruning.schedule.end=1.5 is not allowed: a fraction in [0, 1]"),
+    mistake(
+        "pruning=l1", "pruning.schedule.end=1.0", "pruning.schedule.begin_epoch=0", "pruning.schedule.end_epoch=0",
+        key="pruning.schedule.end", says="an amount that leaves at least one of the",
+    ),
+    mistake("pruning=l1", "pruning.method=magic", says="pruning.method='magic' is not allowed: one of random, l1, l2"),
+    mistake("pruning=l1", "pruning.include=[nomatch*]", says="pruning.include='nomatch*'"),
+    mistake(
+        "constraints=non_negative", "constraints.rules.0.name=positive",
+        says="constraints.rules.0.name='positive' is not allowed: one of the registered constraints",
+    ),
+    mistake("constraints=non_negative", "constraints.rules.0.include=[nomatch*]", says="constraints.rules.0.include='nomatch*'"),
+    mistake(
+        "constraints=learned_mask", "constraints.rules.0.args.init=1.5",
+        says="constraints.rules.0.args.init=1.5 is not allowed: a gate value in (0.5, 1)",
+    ),
+    mistake(
+        "constraints=orthogonal", "pruning=l1",
+        key="constraints.rules.0.allow_masked", says="constraints.rules.0.allow_masked=False is not allowed",
+    ),
+]
+
+# --- a schedule that cannot act: a window after the last epoch, a lambda above every weight --------
+
+SCHEDULES = [
+    mistake(
+        "sparsity=gmp", "trainer.max_epochs=20", "sparsity.schedule.end_epoch=40", "sparsity.schedule.begin_epoch=30",
+        says="sparsity.schedule.begin_epoch=30 is not allowed: an epoch before trainer.max_epochs=20",
+    ),
+    mistake(
+        "pruning=l1", "trainer.max_epochs=20", "pruning.schedule.end_epoch=40", "pruning.schedule.begin_epoch=30",
+        says="pruning.schedule.begin_epoch=30 is not allowed: an epoch before trainer.max_epochs=20",
+    ),
+    mistake("pruning=random", "pruning.schedule.begin_epoch=2", says="trainer.max_epochs=2"),
+    mistake("+experiment=digits_gmp90", key="sparsity.schedule.begin_epoch", says="trainer.max_epochs=2"),
+    mistake("sparsity=hardshrink", "sparsity.schedule.end=100", says="sparsity.schedule.end=100 is not allowed: a lambda below the largest |w|"),
+    mistake(
+        "sparsity=hardshrink", "sparsity.schedule.kind=constant", "sparsity.schedule.end=5",
+        says="largest |w| of the selected weights",
+    ),
+]
+
+# --- dim: out of range for a tensor, or an alias that is not one axis ------------------------------
+
+DIMS = [
+    mistake("pruning=l1", "pruning.dim=7", says="pruning.dim=7 is not allowed: a dimension of net.features.0.0.weight"),
+    mistake("pruning=l1", "pruning.dim=-5", says="pruning.dim=-5 is not allowed: a dimension of net.features.0.0.weight"),
+    mistake("pruning=l1", "pruning.dim=4", says="pruning.dim=4"),
+    mistake("pruning=l1", "pruning.dim=1.5", says="pruning.dim=1.5"),
+    mistake(
+        "pruning=l1", "pruning.dim=-2", "pruning.exclude=[]",
+        key="pruning.dim", says="pruning.dim=-2 is not allowed: one axis of every selected tensor",
+    ),
+]
+
+# --- optimized_metric names a number every run writes to summary.json ------------------------------
+
+OPTIMIZED_METRIC = [
+    mistake("optimized_metric=val/accuracy", says="closest: val/acc"),
+    mistake("optimized_metric=norm", says="optimized_metric='norm'"),
+    mistake("sparsity=gmp", "optimized_metric=sparsity/sparsty", says="sparsity/selected"),
+    mistake("hparams_search=optuna_sparsity", "optimized_metric=val/acuracy", says="closest: val/acc"),
+]
+
+COMMAND_LINE = NAN_AND_INF + BOOLEANS + UNKNOWN_KEYS + HYDRA_AND_LIGHTNING + VALUES + PLUGINS + SCHEDULES + DIMS + OPTIMIZED_METRIC
+
+
+@pytest.mark.parametrize("args,key,says", COMMAND_LINE)
+def test_command_line_mistake(tmp_path: Path, args: list[str], key: str, says: str):
+    _assert_refused(tmp_path / "run", args, key, says)
+
+
+# --- checkpoints: missing, unreadable, of another model, of another plugin set ---------------------
+
+
+def _lightning_checkpoint(path: Path, module: L.LightningModule, callbacks: dict | None = None) -> str:
+    """A file shaped like a Lightning checkpoint of a freshly built ``module`` (no training)."""
+    torch.save(
+        {
+            "epoch": 3,
+            "global_step": 30,
+            "pytorch-lightning_version": L.__version__,
+            "state_dict": module.state_dict(),
+            "loops": {},
+            "callbacks": callbacks or {},
+            "optimizer_states": [],
+            "lr_schedulers": [],
+        },
+        path,
+    )
     return str(path)
 
 
-@pytest.mark.parametrize("args,needle", CASES, ids=[" ".join(a) for a, _ in CASES])
-def test_bad_input(tmp_path: Path, args: list[str], needle: str):
-    _assert_refused(tmp_path, args, needle)
+def _digits_module(widths=(32, 64, 128)) -> Classifier:
+    return Classifier(DigitsCNN(in_channels=1, num_classes=10, widths=widths, norm=NormFactory("batch")), num_classes=10)
 
 
-def test_corrupted_checkpoint(tmp_path: Path):
-    path = _corrupted_checkpoint(tmp_path)
-    _assert_refused(tmp_path, [f"ckpt_path={path}"], "a readable Lightning checkpoint")
+def _plugin_state(overrides: list[str], group: str) -> dict:
+    plugin = hydra.utils.instantiate(compose_config(overrides)[group], _convert_="all")
+    return {plugin.state_key: {"last_step": -1, "history": []}}
 
 
-def _assert_refused(tmp_path: Path, args: list[str], needle: str) -> None:
-    run_dir = tmp_path / "run"
-    result = run_train_cli([*FAST, *args, f"hydra.run.dir={run_dir}"], timeout=120)
-    assert result.returncode != 0
-    assert needle in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    assert not (run_dir / "summary.json").exists()
+def test_checkpoint_that_does_not_exist(tmp_path: Path):
+    _assert_refused(tmp_path / "run", ["ckpt_path=/no/such/file.ckpt"], "ckpt_path", "ckpt_path='/no/such/file.ckpt'")
+
+
+def test_checkpoint_that_is_not_one(tmp_path: Path):
+    path = tmp_path / "broken.ckpt"
+    path.write_bytes(b"this is not a checkpoint")
+    _assert_refused(tmp_path / "run", [f"ckpt_path={path}"], "ckpt_path", "a readable Lightning checkpoint")
+
+
+def test_checkpoint_without_a_state_dict(tmp_path: Path):
+    path = tmp_path / "weights.ckpt"
+    torch.save({"weights": torch.zeros(3)}, path)
+    _assert_refused(tmp_path / "run", [f"ckpt_path={path}"], "ckpt_path", "a Lightning checkpoint (a dict with a state_dict)")
+
+
+def test_checkpoint_of_another_model(tmp_path: Path):
+    """A checkpoint of ``+experiment=ucr_baseline`` (ResNet1d) given to the digits run."""
+    other = Classifier(ResNet1d(in_channels=1, num_classes=2, norm=NormFactory("batch")), num_classes=2)
+    path = _lightning_checkpoint(tmp_path / "ucr.ckpt", other)
+    line = _assert_refused(tmp_path / "run", [f"ckpt_path={path}"], "ckpt_path", "tensors differ: ")
+    assert line.count("not in the") >= 3 and "net.features.0.0.weight" in line, line
+
+
+def test_checkpoint_of_the_same_model_with_other_widths(tmp_path: Path):
+    path = _lightning_checkpoint(tmp_path / "narrow.ckpt", _digits_module(widths=(16, 32, 64)))
+    line = _assert_refused(tmp_path / "run", [f"ckpt_path={path}"], "ckpt_path", "tensors differ: ")
+    assert "net.features.0.0.weight (checkpoint (16, 1, 3, 3) vs model (32, 1, 3, 3))" in line, line
+
+
+def test_checkpoint_of_a_run_with_a_plugin_this_run_does_not_have(tmp_path: Path):
+    state = _plugin_state(["sparsity=gmp"], "sparsity")
+    path = _lightning_checkpoint(tmp_path / "gmp.ckpt", _digits_module(), callbacks=state)
+    _assert_refused(tmp_path / "run", [f"ckpt_path={path}"], "ckpt_path", "HardshrinkSparsifier")
+
+
+def test_checkpoint_of_a_run_without_the_plugins_of_this_run(tmp_path: Path):
+    path = _lightning_checkpoint(tmp_path / "plain.ckpt", _digits_module())
+    _assert_refused(
+        tmp_path / "run", ["pruning=l1", f"ckpt_path={path}"], "ckpt_path", "StructuredPruning"
+    )
+
+
+# --- the run folder: a file, under a file, read-only ------------------------------------------------
+
+
+def test_run_folder_that_is_a_file(tmp_path: Path):
+    path = tmp_path / "run"
+    path.write_text("not a folder")
+    _assert_refused(tmp_path / "elsewhere", [], "hydra.run.dir", "is a file", [f"hydra.run.dir={path}"])
+    assert path.read_text() == "not a folder"
+
+
+def test_run_folder_under_a_file(tmp_path: Path):
+    (tmp_path / "file").write_text("")
+    _assert_refused(tmp_path / "elsewhere", [], "hydra.run.dir", "is a file", [f"hydra.run.dir={tmp_path / 'file' / 'run'}"])
+
+
+def test_sweep_folder_that_is_a_file(tmp_path: Path):
+    path = tmp_path / "sweep"
+    path.write_text("")
+    _assert_refused(tmp_path / "elsewhere", ["-m", "seed=0,1"], "hydra.sweep.dir", "is a file", [f"hydra.sweep.dir={path}"])
+
+
+def _read_only(folder: Path) -> bool:
+    """Make ``folder`` read-only for this user (``chattr +i`` for root); whether that worked."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+    elif not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        return False
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        return True
+    (folder / "probe").unlink()
+    return False
+
+
+def _writable_again(folder: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+    folder.chmod(0o755)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="permissions as on Linux")
+def test_run_folder_that_cannot_be_written(tmp_path: Path):
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    if not _read_only(folder):
+        pytest.skip("cannot make a folder read-only here")
+    try:
+        _assert_refused(folder, [], "hydra.run.dir", "a folder this user can write", [f"hydra.run.dir={folder}"])
+        _assert_refused(folder, [], "hydra.run.dir", "a folder this user can write", [f"hydra.run.dir={folder / 'run'}"])
+    finally:
+        _writable_again(folder)
+    assert list(folder.iterdir()) == []
+
+
+# --- the same rules for a user of the callbacks in Python (no config in between) -------------------
+
+NAN, INF = float("nan"), float("inf")
+
+PYTHON = [
+    pytest.param(lambda: HardshrinkSparsifier(schedule={"end": NAN}), "sparsity.schedule.end=nan", id="hardshrink-nan-lambda"),
+    pytest.param(lambda: HardshrinkSparsifier(schedule={"end": 0.1}, regrow="maybe"), "sparsity.regrow='maybe'", id="hardshrink-regrow-maybe"),
+    pytest.param(lambda: StructuredPruning(amount=NAN), "pruning.amount=nan", id="pruning-nan-amount"),
+    pytest.param(lambda: StructuredPruning(amount=0.5, compact="maybe"), "pruning.compact='maybe'", id="pruning-compact-maybe"),
+    pytest.param(lambda: NormFactory(eps=NAN), "norm.eps=nan", id="norm-nan-eps"),
+    pytest.param(lambda: NormFactory(track_running_stats="maybe"), "norm.track_running_stats='maybe'", id="norm-track-maybe"),
+    pytest.param(lambda: Classifier(torch.nn.Linear(2, 2), 2, lr=INF), "module.lr=inf", id="classifier-inf-lr"),
+    pytest.param(lambda: DigitsCNN(dropout=NAN), "model.dropout=nan", id="cnn-nan-dropout"),
+    pytest.param(
+        lambda: WeightConstraints(rules=[{"name": "learned_mask", "args": {"temperature": NAN}}]),
+        "constraints.rules[0].args.temperature=nan", id="learned-mask-nan-temperature",
+    ),
+    pytest.param(
+        lambda: WeightConstraints(rules=[{"name": "max_norm", "args": {"radius": INF}}]),
+        "constraints.rules[0].args.radius=inf", id="max-norm-inf-radius",
+    ),
+]
+
+
+@pytest.mark.parametrize("build,message", PYTHON)
+def test_python_mistake(build, message: str):
+    with pytest.raises(ConfigError) as raised:
+        build()
+    assert str(raised.value).startswith(message), str(raised.value)
+
+
+def test_a_negative_dim_is_exactly_its_positive_alias():
+    """``dim=-4`` on 4-D conv weights prunes the same channels as ``dim=0``, coupled biases and
+    norms included, so the masked model equals its compacted twin."""
+    from tests.test_structured import Wrap, _setup
+
+    masks = {}
+    for dim in (0, -4):
+        torch.manual_seed(0)
+        model = Wrap(DigitsCNN())
+        callback = _setup(model, [2, 1, 8, 8], dim=dim)
+        callback.apply(0.5)
+        assert callback.dim == 0
+        masks[dim] = {
+            name: tensor.clone() for name, tensor in model.state_dict().items() if name.endswith(".mask")
+        }
+        assert any("features.0.1" in name for name in masks[dim]), "the norm after the conv is not masked"
+    assert masks[0].keys() == masks[-4].keys()
+    for name in masks[0]:
+        assert torch.equal(masks[0][name], masks[-4][name]), name
+

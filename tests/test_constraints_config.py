@@ -134,16 +134,16 @@ def test_compatible_constraint_and_mask_share_a_tensor():
 
 def test_orthogonal_with_hardshrink_in_one_run_is_refused_before_training(tmp_path: Path):
     with pytest.raises(ConfigError, match="allow_masked"):
-        run_train_inprocess([*FAST, "constraints=orthogonal", "sparsity=gmp"], tmp_path)
+        run_train_inprocess([*FAST, "constraints=orthogonal", "sparsity=gmp", "sparsity.schedule.begin_epoch=0"], tmp_path)
     assert not (tmp_path / "summary.json").exists()
 
 
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["constraints=orthogonal", "constraints.rules.0.name=orthonormal"], "error: constraints.rules[0].name='orthonormal' is not allowed: one of the registered constraints: learned_mask, max_norm, non_negative, orthogonal"),
-        (["constraints=orthogonal", "constraints.rules.0.name=symmetric", "~constraints.rules.0.args"], "constraints.rules[0].name='symmetric' is not allowed: a constraint that fits net.features.0.0.weight of shape (32, 1, 3, 3)"),
-        (["constraints=spectral", "constraints.rules.0.args.n_power_iterations=many"], "constraints.rules[0].args.n_power_iterations='many' is not allowed: a int"),
+        (["constraints=orthogonal", "constraints.rules.0.name=orthonormal"], "error: constraints.rules.0.name='orthonormal' is not allowed: one of the registered constraints: learned_mask, max_norm, non_negative, orthogonal"),
+        (["constraints=orthogonal", "constraints.rules.0.name=symmetric", "~constraints.rules.0.args"], "constraints.rules.0.name='symmetric' is not allowed: a constraint that fits net.features.0.0.weight of shape (32, 1, 3, 3)"),
+        (["constraints=spectral", "constraints.rules.0.args.n_power_iterations=many"], "constraints.rules.0.args.n_power_iterations='many' is not allowed: a int"),
     ],
     ids=["unknown-name", "symmetric-on-non-square", "wrong-type"],
 )

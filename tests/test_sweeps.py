@@ -177,7 +177,9 @@ def test_sweep_over_experiments_with_their_own_task_names_stays_one_sweep(tmp_pa
     """``-m +experiment=a,b`` where each experiment sets ``task_name``: every job still lands in
     the launching command's sweep folder (default ``hydra.sweep.dir``), in one dashboard group."""
     result = run_train_cli(
-        ["-m", "+experiment=digits_baseline,digits_prune50", "logger=tensorboard", *TINY], cwd=tmp_path
+        # 3 epochs: digits_prune50 starts pruning at epoch 2 (a window after the last epoch is refused)
+        ["-m", "+experiment=digits_baseline,digits_prune50", "logger=tensorboard", *TINY, "trainer.max_epochs=3"],
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["train"]

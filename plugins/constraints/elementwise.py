@@ -10,7 +10,7 @@ from torch import nn
 
 from plugins.constraints.base import Constraint
 from plugins.constraints.registry import register_constraint
-from plugins.errors import ConfigError
+from plugins.errors import ConfigError, is_number
 
 __all__ = ["NonNegative", "LearnedMask"]
 
@@ -38,9 +38,9 @@ class NonNegative(Constraint):
         super().__init__()
         if method not in NON_NEGATIVE_METHODS:
             raise ConfigError("method", method, f"one of {', '.join(NON_NEGATIVE_METHODS)}")
-        if beta <= 0:
+        if not is_number(beta) or beta <= 0:
             raise ConfigError("beta", beta, "a number > 0")
-        if floor <= 0:
+        if not is_number(floor) or floor <= 0:
             raise ConfigError("floor", floor, "a number > 0")
         self.method = method
         self.beta = float(beta)
@@ -103,11 +103,11 @@ class LearnedMask(Constraint):
 
     def __init__(self, temperature: float = 1.0, init: float = 0.95, penalty: float = 0.0) -> None:
         super().__init__()
-        if temperature <= 0:
+        if not is_number(temperature) or temperature <= 0:
             raise ConfigError("temperature", temperature, "a number > 0")
-        if not 0.5 < init < 1:
+        if not is_number(init) or not 0.5 < init < 1:
             raise ConfigError("init", init, "a gate value in (0.5, 1)")
-        if penalty < 0:
+        if not is_number(penalty) or penalty < 0:
             raise ConfigError("penalty", penalty, "a number >= 0")
         self.temperature = float(temperature)
         self.init = float(init)

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrizations
 
 from plugins.constraints.base import Constraint, as_matrix
 from plugins.constraints.registry import register_constraint
-from plugins.errors import ConfigError
+from plugins.errors import ConfigError, is_number
 
 __all__ = ["SpectralNorm", "WeightNorm", "UnitNorm", "MaxNorm"]
 
@@ -42,9 +42,9 @@ class SpectralNorm(Constraint):
 
     def __init__(self, n_power_iterations: int = 1, eps: float = 1e-12) -> None:
         super().__init__()
-        if n_power_iterations < 1:
+        if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 1:
             raise ConfigError("n_power_iterations", n_power_iterations, "an integer >= 1")
-        if eps <= 0:
+        if not is_number(eps) or eps <= 0:
             raise ConfigError("eps", eps, "a number > 0")
         self.n_power_iterations = n_power_iterations
         self.eps = eps
@@ -134,7 +134,7 @@ class UnitNorm(Constraint):
 
     def __init__(self, eps: float = 1e-12) -> None:
         super().__init__()
-        if eps <= 0:
+        if not is_number(eps) or eps <= 0:
             raise ConfigError("eps", eps, "a number > 0")
         self.eps = eps
 
@@ -162,7 +162,7 @@ class MaxNorm(Constraint):
 
     def __init__(self, radius: float = 1.0) -> None:
         super().__init__()
-        if radius <= 0:
+        if not is_number(radius) or radius <= 0:
             raise ConfigError("radius", radius, "a number > 0")
         self.radius = float(radius)
 

@@ -130,7 +130,7 @@ class Orthogonal(Constraint):
             raise ConfigError("method", method, f"one of {', '.join(METHODS)}")
         if not 0 < tol < 1:
             raise ConfigError("tol", tol, "a number in (0, 1)")
-        if max_iter < 1:
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             raise ConfigError("max_iter", max_iter, "an integer >= 1")
         self.method = method
         self.tol = float(tol)

@@ -1,0 +1,770 @@
+"""Every value a user can type is checked before training and before anything is written.
+
+A mistake is one :class:`~plugins.errors.ConfigError`, printed by ``train.py`` as one line on
+stderr (``error: <key as typed>=<value> is not allowed: <what is allowed>``) with exit status 2.
+The checks run twice: on the command line before Hydra creates a run folder
+(:func:`check_command_line`), and on the composed config at the start of every job
+(:func:`check_config`, through ``train.validate``), so a multirun's jobs and in-process callers of
+``train.run`` get them too. The checkpoint checks (:func:`read_checkpoint`,
+:func:`check_checkpoint_matches`, :func:`check_checkpoint_plugins`) need the freshly built module
+and plugins, so ``train.py`` calls them right after building those.
+
+The rules are general, derived from the config and the code, not from a list of known mistakes:
+
+- every number anywhere in the config is finite (NaN and Inf are values too);
+- a node with ``_target_`` is checked against the target's signature: unknown keys (naming the
+  closest valid one) and simple types from the annotations (``bool``, ``int``, ``float``,
+  ``Literal``, their unions), into nested mappings typed by a dataclass (``schedule``);
+- any other node is checked against the config as composed from the same group choices without
+  value overrides: no new keys (except a ``+name={_target_: ...}`` object such as a callback) and
+  a boolean stays a boolean;
+- Lightning checks its own Trainer arguments in a throwaway ``Trainer`` that writes nothing;
+- ``trainer.max_epochs`` is at least 1 and every schedule window starts before it ends;
+- ``optimized_metric`` names a number the run writes to ``summary.json``;
+- the run folder is a folder this user can write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import logging
+import math
+import re
+import sys
+import tempfile
+import typing
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from plugins.constraints.registry import accepted_arguments, describe, type_ok, unknown_argument
+from plugins.errors import ConfigError, is_number
+
+__all__ = [
+    "as_typed",
+    "error_line",
+    "exit_with",
+    "user_error_in",
+    "info_to_stdout",
+    "check_command_line",
+    "check_config",
+    "check_run_folder",
+    "read_checkpoint",
+    "check_checkpoint_matches",
+    "check_checkpoint_plugins",
+]
+
+# What every run writes to summary.json as numbers (train.py), and what the Classifier logs.
+SUMMARY_NUMBERS = ("params/total", "params/nonzero", "sparsity/global", "seed", "duration_s")
+CLASSIFIER_METRICS = tuple(f"{stage}/{name}" for stage in ("val", "test") for name in ("loss", "acc", "f1"))
+CLASSIFIER_TARGETS = ("models.Classifier", "models.classifier.Classifier")
+# Trainer arguments Lightning accepts below these bounds only to fail (or do nothing) later.
+TRAINER_MINIMUM = {
+    "max_epochs": 1,
+    "min_epochs": 0,
+    "max_steps": -1,
+    "min_steps": 0,
+    "log_every_n_steps": 1,
+    "accumulate_grad_batches": 1,
+    "check_val_every_n_epoch": 1,
+    "num_sanity_val_steps": -1,
+    "num_nodes": 1,
+}
+# Flags after which Hydra prints something and runs no job: left to Hydra.
+_INFO_FLAGS = ("help", "hydra_help", "version", "cfg", "info", "shell_completion", "experimental_rerun")
+_UNSET = object()
+
+
+# --- the one line --------------------------------------------------------------------------------
+
+
+def as_typed(key: str) -> str:
+    """``constraints.rules[0].args.init`` -> ``constraints.rules.0.args.init``: the key as an
+    override spells it."""
+    return re.sub(r"\[(\d+)\]", r".\1", key)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def error_line(err: ConfigError) -> str:
+    """``error: <key as typed>=<value> is not allowed: <what is allowed>``, always one line."""
+    return _one_line(f"error: {as_typed(err.key)}={err.value!r} is not allowed: {err.allowed}")
+
+
+def exit_with(err: ConfigError) -> NoReturn:
+    """A user's mistake: one line on stderr, exit status 2, no traceback."""
+    print(error_line(err), file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def user_error_in(err: BaseException | None) -> ConfigError | None:
+    """The ConfigError behind ``err``, also when Hydra's instantiate or Lightning wrapped it."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def info_to_stdout() -> None:
+    """Lightning's info lines ("GPU available", "Seed set to") and Python warnings go to stdout
+    (and, once Hydra has configured logging, to the run's log file): stderr holds errors only."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+                handler.setStream(sys.stdout)
+    logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    for handler in list(warnings_logger.handlers):
+        warnings_logger.removeHandler(handler)
+    configured = bool(logging.getLogger().handlers)  # Hydra's job logging: console (stdout) and file
+    warnings_logger.propagate = configured
+    if not configured:
+        warnings_logger.addHandler(logging.StreamHandler(sys.stdout))
+
+
+# --- the command line, before Hydra --------------------------------------------------------------
+
+
+def check_command_line(argv: Sequence[str], conf_dir: Path, config_name: str = "train") -> None:
+    """What ``python train.py ARGV`` would get wrong, found before Hydra creates a run folder.
+
+    Hydra's own errors (a malformed override, an unknown group option such as
+    ``hydra/launcher=nope``, ``key=value`` for a key that does not exist) become one ConfigError
+    naming the key as typed; then :func:`check_config` runs on the config composed as Hydra will
+    compose it (in a multirun: once per swept value), and the run folder is checked. Flags after
+    which Hydra runs no job (``--help``, ``--cfg``, ...) and other config folders are Hydra's.
+    """
+    args = _parse_flags(argv)
+    if args is None or any(getattr(args, flag, None) for flag in _INFO_FLAGS):
+        return
+    if args.config_path or args.config_dir:
+        return
+    overrides = _parse_overrides(args.overrides)
+
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with _quiet(), initialize_config_dir(str(conf_dir), version_base="1.3"):
+        repository = GlobalHydra.instance().config_loader().repository
+        _check_group_options(overrides)
+        sweeps = [o for o in overrides if o.is_sweep_override()]
+        base = [_first_value(o) for o in overrides]
+        cfg = _compose(args.config_name or config_name, [o for o in base if o is not None], overrides)
+        multirun = bool(args.multirun) or str(cfg.hydra.get("mode")).endswith("MULTIRUN")
+        if sweeps and not multirun:
+            first = sweeps[0]
+            raise ConfigError(
+                _typed_key(first),
+                first.input_line.partition("=")[2],
+                "one value (add -m to sweep over several; write [a,b] for a list)",
+            )
+        for variant in _variants(overrides, base):
+            composed = cfg if variant is base else _compose(
+                args.config_name or config_name, [o for o in variant if o is not None], overrides
+            )
+            groups = [o for o in variant if o is not None and repository.group_exists(o.key_or_group)]
+            defaults = _compose(args.config_name or config_name, groups, overrides, strict=False)
+            check_config(composed, defaults)
+        if multirun:
+            check_run_folder(str(cfg.hydra.sweep.dir), "hydra.sweep.dir")
+        else:
+            check_run_folder(str(cfg.hydra.run.dir), "hydra.run.dir")
+    GlobalHydra.instance().clear()
+
+
+def _parse_flags(argv: Sequence[str]) -> argparse.Namespace | None:
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def refuse(message: str) -> NoReturn:
+        unrecognized = message.partition("unrecognized arguments: ")[2].split()
+        word = unrecognized[0] if unrecognized else message
+        key, _, value = word.partition("=")
+        raise ConfigError(
+            key, value, f"a flag of Hydra (-m, --cfg, --help, ...) before the overrides KEY=VALUE ({message})"
+        )
+
+    parser.error = refuse  # one line instead of argparse's usage and exit
+    return parser.parse_args(list(argv))
+
+
+def _parse_overrides(texts: Sequence[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, OverrideParseException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for text in texts:
+        try:
+            parsed.append(parser.parse_override(text))
+        except (OverrideParseException, HydraException) as err:
+            key, _, value = text.partition("=")
+            reason = str(err).splitlines()[1] if len(str(err).splitlines()) > 1 else str(err)
+            raise ConfigError(
+                key.lstrip("+~") or text, value, f"an override KEY=VALUE in Hydra's syntax ({_one_line(reason)})"
+            ) from None
+    return parsed
+
+
+def _typed_key(override: Any) -> str:
+    return override.key_or_group if override.package is None else f"{override.key_or_group}@{override.package}"
+
+
+def _check_group_options(overrides: Sequence[Any]) -> None:
+    """``hydra/launcher=nope``, ``norm=banana``: the group's options, before Hydra says it in a
+    screenful."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    for override in overrides:
+        group = override.key_or_group
+        if override.is_delete() or not loader.repository.group_exists(group):
+            continue
+        options = loader.get_group_options(group)
+        values = _sweep_values(override) if override.is_sweep_override() else [override.value()]
+        for value in values or []:
+            if value is not None and str(value) not in options and str(value) != "null":
+                raise ConfigError(_typed_key(override), value, f"one of {', '.join(options)}")
+
+
+def _sweep_values(override: Any) -> list[str] | None:
+    try:
+        return list(override.sweep_string_iterator())
+    except Exception:  # noqa: BLE001 - interval() and glob(): a sweeper's, not a list of values
+        return None
+
+
+def _first_value(override: Any) -> Any:
+    """The override with its first swept value (``None``: a sweep that lists no values)."""
+    if not override.is_sweep_override():
+        return override
+    values = _sweep_values(override)
+    return _with_value(override, values[0]) if values else None
+
+
+def _with_value(override: Any, value: str) -> Any:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(f"{override.get_key_element()}={value}")
+
+
+def _variants(overrides: Sequence[Any], base: list[Any]) -> Iterator[list[Any]]:
+    """The base (first value of every sweep), then each other swept value in turn: every value a
+    sweep lists is composed and checked once, without composing the whole product."""
+    yield base
+    for i, override in enumerate(overrides):
+        if override.is_sweep_override():
+            for value in (_sweep_values(override) or [])[1:]:
+                yield [*base[:i], _with_value(override, value), *base[i + 1 :]]
+
+
+def _compose(config_name: str, overrides: Sequence[Any], typed: Sequence[Any], strict: bool = True) -> DictConfig | None:
+    """Hydra's composition, its errors as one ConfigError naming the key as typed."""
+    from hydra import compose
+    from hydra.errors import MissingConfigException
+
+    lines = [o.input_line for o in overrides]
+    try:
+        return compose(config_name, overrides=lines, return_hydra_config=True)
+    except MissingConfigException as err:
+        if not strict:
+            return None
+        missing = re.search(r"Could not find '([^']+)/([^']+)'", str(err))
+        if missing:
+            raise ConfigError(missing.group(1), missing.group(2), f"one of {', '.join(err.options or [])}") from None
+        raise ConfigError("defaults", config_name, _one_line(str(err).splitlines()[0])) from None
+    except Exception as err:  # noqa: BLE001 - Hydra's ConfigCompositionException and OmegaConf's errors
+        if not strict:
+            return None
+        raise _composition_error(err, config_name, typed) from None
+
+
+def _composition_error(err: Exception, config_name: str, typed: Sequence[Any]) -> ConfigError:
+    cause = err.__cause__ or err
+    full_key = getattr(cause, "full_key", None)
+    match = re.search(r"Could not (?:override|append to config|delete from config) '([^']+)'", str(err))
+    key = as_typed(str(full_key or (match.group(1) if match else "") or ""))
+    override = next((o for o in typed if o.key_or_group == key), None)
+    value = override.value() if override is not None and not override.is_sweep_override() else None
+    if match and ("not in struct" in str(cause) or " not in '" in str(cause)):
+        return ConfigError(key, value, _unknown_key_allowed(key, config_name, typed))
+    reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    return ConfigError(key or "overrides", value, _one_line(reason))
+
+
+def _unknown_key_allowed(key: str, config_name: str, typed: Sequence[Any]) -> str:
+    """For ``sparsity.typo=1``: the keys that exist there, the closest first, or the ``+`` form
+    when the target takes the key but the config does not list it."""
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+
+    repository = GlobalHydra.instance().config_loader().repository
+    groups = [o.input_line for o in typed if not o.is_sweep_override() and repository.group_exists(o.key_or_group)]
+    parent_key, _, name = key.rpartition(".")
+    try:
+        cfg = compose(config_name, overrides=groups, return_hydra_config=True)
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    except Exception:  # noqa: BLE001 - no list of keys then
+        parent = None
+    if isinstance(parent, DictConfig) and "_target_" in parent:
+        target = _locate(parent)
+        if target is not None:
+            named, _, open_ended = accepted_arguments(target)
+            if name in named or open_ended:
+                return f"a key the config lists ({parent._target_} takes it: add it with +{key}=...)"
+            return unknown_argument(key, list(named), str(parent._target_))
+    names = [str(k) for k in parent.keys() if k != "hydra"] if isinstance(parent, DictConfig) else []
+    return _unknown_key(key, names, parent_key or "the config")
+
+
+def _group_options(group: str) -> list[str]:
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        return []
+    loader = GlobalHydra.instance().config_loader()
+    return loader.get_group_options(group) if loader.repository.group_exists(group) else []
+
+
+def _unknown_key(key: str, names: Sequence[str], where: str) -> str:
+    """What is allowed instead of the unknown ``key``: the keys of ``where``, the closest first."""
+    parent, _, word = key.rpartition(".")
+    if not names:
+        options = [o for o in _group_options(where) if o != "none"]
+        choose = f": choose {where}={'|'.join(options)} first" if options else ""
+        return f"a key of {where}, which has no keys as configured{choose}"
+    closest = difflib.get_close_matches(word, list(names), n=1, cutoff=0.0)
+    listing = f": {', '.join(names)}" if 0 < len(names) <= 20 else ""
+    hint = f"; closest: {parent + '.' if parent else ''}{closest[0]}" if closest else ""
+    return f"a key of {where}{listing}{hint}"
+
+
+def check_run_folder(path: str, key: str = "hydra.run.dir") -> None:
+    """The run folder is a folder (or can become one) that this user can write in."""
+    folder = Path(path)
+    probe = folder
+    while True:
+        try:
+            probe.stat()
+            break
+        except FileNotFoundError:
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+        except OSError as err:  # a file in the middle of the path, no permission to look
+            if err.errno == 20:  # ENOTDIR
+                probe = probe.parent
+                continue
+            raise ConfigError(key, path, f"a folder this user can write ({err.strerror}: {probe})") from None
+    if not probe.is_dir():
+        raise ConfigError(key, path, f"a folder ({probe} is a file)")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(key, path, f"a folder this user can write ({err.strerror}: {probe})") from None
+
+
+# --- the composed config --------------------------------------------------------------------------
+
+
+def check_config(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
+    """Every config check that needs no model: the top-level keys, finite numbers, keys and types
+    against the targets' signatures (and against ``defaults``, the config composed from the same
+    group choices without value overrides, when given), the trainer, schedule windows and
+    ``optimized_metric``. Raises the first ConfigError found."""
+    check_finite(cfg)
+    _check_node(cfg, "", defaults)
+    _check_top_level(cfg)
+    check_trainer(cfg)
+    check_optimized_metric(cfg)  # builds the plugins: their own checks come first
+    check_schedule_windows(cfg)
+
+
+def _check_top_level(cfg: DictConfig) -> None:
+    seed = cfg.get("seed", None)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError("seed", seed, "an integer >= 0")
+    for group in ("sparsity", "pruning", "constraints"):
+        node = cfg.get(group)
+        if node and "_target_" not in node:
+            raise ConfigError(group, OmegaConf.to_container(node), f"a {group} config with _target_")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is not None and ckpt != "last":
+        if not isinstance(ckpt, str) or not _absolute(ckpt).is_file():
+            raise ConfigError("ckpt_path", ckpt, "null, 'last', or the path of an existing checkpoint")
+        read_checkpoint(ckpt, _absolute(ckpt))
+
+
+def _absolute(path: str) -> Path:
+    import hydra
+
+    return Path(hydra.utils.to_absolute_path(path))
+
+
+def _children(node: DictConfig | ListConfig) -> Iterator[tuple[str, Any]]:
+    """``(name, value)`` of a node's children, resolved; one that cannot be resolved yet
+    (``${hydra:...}`` before Hydra runs, ``???``) is ``_UNSET``."""
+    names = range(len(node)) if isinstance(node, ListConfig) else node.keys()
+    for name in names:
+        try:
+            value = node[name]
+        except Exception:  # noqa: BLE001 - unresolvable now: Hydra fills it in later
+            value = _UNSET
+        yield str(name), value
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def check_finite(cfg: DictConfig | ListConfig, path: str = "") -> None:
+    """NaN and Inf anywhere in the config (``hydra.*`` included) are refused, naming the key."""
+    for name, value in _children(cfg):
+        key = _join(path, name)
+        if isinstance(value, (DictConfig, ListConfig)):
+            check_finite(value, key)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(key, value, "a finite number (NaN and Inf are not settings)")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (DictConfig, ListConfig)):
+        try:
+            return OmegaConf.to_container(value, resolve=True)
+        except Exception:  # noqa: BLE001 - not resolvable before Hydra runs
+            return _UNSET
+    return value
+
+
+def _locate(node: DictConfig) -> Callable | None:
+    from hydra.utils import get_object
+
+    target = node.get("_target_")
+    if not isinstance(target, str):
+        return None
+    try:
+        return get_object(target)
+    except Exception:  # noqa: BLE001 - an unknown _target_ is reported by instantiate
+        return None
+
+
+def _check_node(node: DictConfig, path: str, defaults: DictConfig | None) -> None:
+    """A node without ``_target_``: its keys against ``defaults`` (the same node composed without
+    value overrides), booleans stay booleans, numbers stay numbers; children recursively."""
+    if "_target_" in node:
+        _check_target(node, path)
+        return
+    for name, value in _children(node):
+        key = _join(path, name)
+        if key == "hydra":
+            continue  # Hydra validates its own node
+        default = _UNSET
+        if defaults is not None:
+            default = next((v for n, v in _children(defaults) if n == name), _UNSET)
+            if name not in defaults and not (isinstance(value, DictConfig) and "_target_" in value):
+                names = [str(k) for k in defaults if k != "hydra"]
+                raise ConfigError(key, _plain(value), _unknown_key(key, names, path or "the config"))
+        if isinstance(value, DictConfig):
+            if default is None and defaults is not None:
+                default = OmegaConf.create({})  # a group whose option is none: it has no keys
+            _check_node(value, key, default if isinstance(default, DictConfig) else None)
+        elif isinstance(value, ListConfig):
+            for index, item in _children(value):
+                if isinstance(item, DictConfig) and "_target_" in item:
+                    _check_target(item, _join(key, index))
+        elif value is not _UNSET and default is not _UNSET:
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise ConfigError(key, value, "true or false")
+            if is_number(default) and value is not None and not is_number(value):
+                raise ConfigError(key, value, "a number")
+
+
+def _check_target(node: DictConfig, path: str) -> None:
+    target = _locate(node)
+    if target is None:
+        return
+    _check_call(target, str(node._target_), node, path, skip_private=True)
+
+
+def _check_call(target: Callable, label: str, node: DictConfig, path: str, skip_private: bool = False) -> None:
+    """The keys of ``node`` as keyword arguments of ``target``: names, then types from the
+    annotations; a nested mapping typed by a dataclass (``schedule: Schedule | Mapping``) or
+    holding its own ``_target_`` is checked the same way."""
+    named, hints, open_ended = accepted_arguments(target)
+    for name, value in _children(node):
+        if skip_private and name.startswith("_"):
+            continue
+        key = _join(path, name)
+        if name not in named:
+            if open_ended:
+                continue
+            raise ConfigError(key, _plain(value), unknown_argument(key, list(named), label))
+        expected = hints.get(name, named[name].annotation)
+        plain = _plain(value)
+        if plain is not _UNSET and not type_ok(plain, expected):
+            finite = not isinstance(plain, float) or math.isfinite(plain)
+            raise ConfigError(key, plain, describe(expected) if finite else "a finite number")
+        if isinstance(value, DictConfig):
+            schema = _dataclass_in(expected)
+            if "_target_" in value:
+                _check_target(value, key)
+            elif schema is not None:
+                _check_call(schema, schema.__name__, value, key)
+        elif isinstance(value, ListConfig):
+            for index, item in _children(value):
+                if isinstance(item, DictConfig) and "_target_" in item:
+                    _check_target(item, _join(key, index))
+
+
+def _dataclass_in(annotation: Any) -> type | None:
+    options = typing.get_args(annotation) or (annotation,)
+    return next((a for a in options if isinstance(a, type) and dataclasses.is_dataclass(a)), None)
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """``trainer.*``: bounds Lightning accepts only to fail later, then Lightning's own checks in a
+    throwaway Trainer (no logger, no checkpoints: it writes nothing); its exception becomes a
+    ConfigError naming the ``trainer.*`` key it is about."""
+    node = cfg.get("trainer")
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return
+    kwargs = _plain(node)
+    if kwargs is _UNSET:
+        return
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}
+    for name, low in TRAINER_MINIMUM.items():
+        value = kwargs.get(name)
+        if is_number(value) and value < low:
+            raise ConfigError(f"trainer.{name}", value, f"an integer >= {low} (or null for Lightning's default)")
+    target = _locate(node)
+    if target is None:
+        return
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "callbacks": []}
+    try:
+        with _quiet():
+            target(**{**kwargs, **quiet, "enable_model_summary": False})
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Lightning's MisconfigurationException, ValueError, TypeError
+        name = _trainer_key(str(err), kwargs)
+        raise ConfigError(
+            f"trainer.{name}" if name else "trainer", kwargs.get(name) if name else "", _one_line(str(err))
+        ) from None
+
+
+def _trainer_key(message: str, kwargs: Mapping[str, Any]) -> str | None:
+    """The Trainer argument Lightning's message is about: one it names in backticks or as
+    ``name=``, else one whose value it quotes, else one it mentions."""
+    for pattern in (r"`(\w+)`", r"`?(?:Trainer\()?(\w+)=", r"\b(\w+)="):
+        for match in re.finditer(pattern, message):
+            if match.group(1) in kwargs:
+                return match.group(1)
+    for name, value in kwargs.items():
+        if isinstance(value, str) and value and re.search(rf"\b{re.escape(value)}\b", message):
+            return name
+    return next((name for name in kwargs if re.search(rf"\b{name}\b", message)), None)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No warnings and no Lightning info lines from a check (the real run prints its own)."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+def _schedules(node: DictConfig | ListConfig, path: str) -> Iterator[tuple[str, DictConfig]]:
+    for name, value in _children(node):
+        key = _join(path, name)
+        if key == "hydra" or not isinstance(value, (DictConfig, ListConfig)):
+            continue
+        if isinstance(value, DictConfig) and "begin_epoch" in value:
+            yield key, value
+        yield from _schedules(value, key)
+
+
+def check_schedule_windows(cfg: DictConfig) -> None:
+    """A schedule (any node with ``begin_epoch``) must start before ``trainer.max_epochs`` ends
+    the run, or the plugin would never act and say nothing."""
+    trainer = cfg.get("trainer")
+    max_epochs = trainer.get("max_epochs") if isinstance(trainer, DictConfig) else None
+    if not is_number(max_epochs):
+        return
+    for key, schedule in _schedules(cfg, ""):
+        begin = schedule.get("begin_epoch")
+        if is_number(begin) and begin >= max_epochs:
+            raise ConfigError(
+                f"{key}.begin_epoch",
+                begin,
+                f"an epoch before trainer.max_epochs={max_epochs} (the run trains epochs 0 to "
+                f"{max_epochs - 1}; this schedule would never start)",
+            )
+
+
+def check_optimized_metric(cfg: DictConfig) -> None:
+    """``optimized_metric`` names a number every run of this config writes to summary.json (train.py
+    returns it, to a sweeper or to the caller): the Classifier's val/ and test/ metrics, the run's
+    own numbers, and the plugins' numeric summary keys."""
+    metric = cfg.get("optimized_metric", None)
+    if metric is None:
+        return
+    known = {*SUMMARY_NUMBERS, *_plugin_numbers(cfg)}
+    module = cfg.get("module")
+    classifier = isinstance(module, DictConfig) and module.get("_target_") in CLASSIFIER_TARGETS
+    if classifier:
+        known.update(CLASSIFIER_METRICS)
+    elif isinstance(metric, str) and metric.startswith(("val/", "test/")):
+        return  # another module logs its own metrics: they are only known once it has run
+    if metric in known:
+        return
+    closest = difflib.get_close_matches(str(metric), sorted(known), n=1, cutoff=0.0)
+    raise ConfigError(
+        "optimized_metric",
+        metric,
+        f"a number this run writes to summary.json (closest: {closest[0] if closest else '-'}): "
+        + ", ".join(sorted(known)),
+    )
+
+
+def _plugin_numbers(cfg: DictConfig) -> list[str]:
+    """The numeric keys of each plugin's ``summary()``: a top-level node whose target is a
+    Lightning callback with a ``summary`` method, built fresh (constructors only validate)."""
+    import hydra
+    import lightning as L
+
+    keys = []
+    for name, node in _children(cfg):
+        if name == "hydra" or not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        target = _locate(node)
+        if not (isinstance(target, type) and issubclass(target, L.Callback) and hasattr(target, "summary")):
+            continue
+        try:
+            with _quiet():
+                summary = hydra.utils.instantiate(node, _convert_="all").summary()
+        except Exception as err:  # noqa: BLE001 - a ConfigError is the user's; anything else is train()'s to show
+            user_error = user_error_in(err)
+            if user_error is not None:
+                raise user_error from None
+            continue
+        keys += [k for k, v in summary.items() if v is None or is_number(v)]
+    return keys
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def read_checkpoint(ckpt_path: str | None, path: str | Path | None) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` (what ``ckpt_path``, as typed, resolved to), loaded on CPU with
+    ``weights_only=True`` and memory-mapped (tensors are read only when used); ``None`` for a
+    fresh run. An unreadable file is a ConfigError naming ``ckpt_path``."""
+    import torch
+
+    if path is None:
+        return None
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a file torch.save wrote in its legacy (not zip) format
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
+        raise ConfigError("ckpt_path", ckpt_path, f"a readable Lightning checkpoint ({type(err).__name__})") from None
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise ConfigError("ckpt_path", ckpt_path, "a Lightning checkpoint (a dict with a state_dict)")
+    return dict(checkpoint)
+
+
+def _plain_name(name: str) -> str | None:
+    """A state-dict key as the model without plugins names it (``None``: a plugin's own entry)."""
+    if ".parametrizations." not in name:
+        return name
+    head, _, rest = name.partition(".parametrizations.")
+    tensor, _, tail = rest.partition(".")
+    return f"{head}.{tensor}" if tail == "original" else None
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def check_checkpoint_matches(ckpt_path: str | None, checkpoint: Mapping[str, Any] | None, module: Any) -> None:
+    """The checkpoint's ``state_dict`` has the names and shapes of ``module`` as freshly built
+    (before any plugin touched it); otherwise one ConfigError naming ``ckpt_path`` and up to three
+    mismatched tensors (name, shape in the checkpoint vs in the model). ``None``: a fresh run."""
+    import torch
+
+    if checkpoint is None:
+        return
+    saved = {}
+    for name, tensor in (checkpoint.get("state_dict") or {}).items():
+        plain = _plain_name(str(name))
+        if plain is not None and torch.is_tensor(tensor):
+            saved[plain] = tuple(tensor.shape)
+    model = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+    differ = [
+        f"{name} (checkpoint {_shape(saved[name])} vs model {_shape(shape)})"
+        for name, shape in model.items()
+        if name in saved and saved[name] != shape
+    ]
+    differ += [f"{name} (not in the checkpoint; model {_shape(shape)})" for name, shape in model.items() if name not in saved]
+    differ += [f"{name} (checkpoint {_shape(shape)}; not in the model)" for name, shape in saved.items() if name not in model]
+    if differ:
+        more = f", and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise ConfigError(
+            "ckpt_path",
+            ckpt_path,
+            f"a checkpoint of this model; {len(differ)} tensors differ: {', '.join(differ[:3])}{more}",
+        )
+
+
+def _plugin_classes(plugins: Sequence[Any]) -> set[str]:
+    import lightning as L
+
+    import plugins as package
+
+    names = {type(p).__name__ for p in plugins}
+    for name in package.__all__:
+        obj = getattr(package, name, None)
+        if isinstance(obj, type) and issubclass(obj, L.Callback):
+            names.add(obj.__name__)
+    return names
+
+
+def check_checkpoint_plugins(ckpt_path: str | None, checkpoint: Mapping[str, Any] | None, plugins: Sequence[Any]) -> None:
+    """The checkpoint holds the state of exactly this run's plugin callbacks (by ``state_key``, which
+    starts with the callback's class name); a plugin on one side only is one ConfigError naming
+    ``ckpt_path``."""
+    if checkpoint is None:
+        return
+    classes = _plugin_classes(plugins)
+    saved = {k for k in (checkpoint.get("callbacks") or {}) if str(k).split("{")[0] in classes}
+    ours = {p.state_key for p in plugins}
+    differ = [f"{k} (in the checkpoint, not in this run)" for k in sorted(saved - ours)]
+    differ += [f"{k} (in this run, not in the checkpoint)" for k in sorted(ours - saved)]
+    if differ:
+        more = f", and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise ConfigError(
+            "ckpt_path", ckpt_path, f"a checkpoint of the same plugins; these differ: {', '.join(differ[:3])}{more}"
+        )
