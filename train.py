@@ -32,7 +32,7 @@ from plugins.sweeps import at_launch  # noqa: F401 - registers the ${at_launch:}
 from runner import validation
 from runner.checkpoints import AtomicCheckpointIO, LastCheckpoint, RandomState, best_checkpoint, resolve_resume
 from runner.logger_history import keep_history
-from runner.run_folder import lock_run_folder, unlock_run_folder, write_atomically, write_json
+from runner.run_folder import lock_explicit_run_folder, lock_run_folder, unlock_run_folder, write_atomically, write_json
 
 log = logging.getLogger("train")
 
@@ -328,6 +328,7 @@ if __name__ == "__main__":
     try:
         check_group_choices(sys.argv[1:])
         validation.check_command_line(sys.argv[1:], Path(__file__).parent / "conf")
+        lock_explicit_run_folder(sys.argv[1:])
     except ConfigError as err:
         validation.exit_with(err)
     main()
