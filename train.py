@@ -29,7 +29,7 @@ from plugins.masks import sparsity
 from plugins.norm import NormFactory
 from plugins.selection import DEFAULT_MODULE_TYPES, resolve_module_types
 from plugins.sweeps import at_launch  # noqa: F401 - registers the ${at_launch:} resolver the configs use
-from runner import validation
+from runner import command_line, validation
 from runner.checkpoints import AtomicCheckpointIO, LastCheckpoint, RandomState, best_checkpoint, resolve_resume
 from runner.logger_history import keep_history
 from runner.run_folder import lock_explicit_run_folder, lock_run_folder, unlock_run_folder, write_atomically, write_json
@@ -313,22 +313,22 @@ def check_group_choices(argv: list[str], conf_dir: Path = Path(__file__).parent 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    validation.info_to_stdout()  # again: Hydra has just configured logging
+    command_line.info_to_stdout()  # again: Hydra has just configured logging
     try:
         return run(cfg)
     except Exception as err:
-        user_error = validation.user_error_in(err)
+        user_error = command_line.user_error_in(err)
         if user_error is None:
             raise
-        validation.exit_with(user_error)  # a user's mistake: one line, exit 2, no traceback
+        command_line.exit_with(user_error)  # a user's mistake: one line, exit 2, no traceback
 
 
 if __name__ == "__main__":
-    validation.info_to_stdout()
+    command_line.info_to_stdout()
     try:
         check_group_choices(sys.argv[1:])
-        validation.check_command_line(sys.argv[1:], Path(__file__).parent / "conf")
+        command_line.check_command_line(sys.argv[1:], Path(__file__).parent / "conf")
         lock_explicit_run_folder(sys.argv[1:])
     except ConfigError as err:
-        validation.exit_with(err)
+        command_line.exit_with(err)
     main()

@@ -1,11 +1,10 @@
 """Every value a user can type is checked before training and before anything is written.
 
-A mistake is one :class:`~plugins.errors.ConfigError`, printed by ``train.py`` as one line on
-stderr (``error: <key as typed>=<value> is not allowed: <what is allowed>``) with exit status 2.
-The checks run twice: on the command line before Hydra creates a run folder
-(:func:`check_command_line`), and on the composed config at the start of every job
-(:func:`check_config`, through ``train.validate``), so a multirun's jobs and in-process callers of
-``train.run`` get them too. The checkpoint checks (:func:`read_checkpoint`,
+A mistake is one :class:`~plugins.errors.ConfigError` (``train.py`` prints it as one line and exits
+with status 2, see :mod:`runner.command_line`). :func:`check_config` runs on the composed config at
+the start of every job (``train.validate``), and before that on the command line, before Hydra
+creates a run folder (:func:`runner.command_line.check_command_line`, which also passes the config
+composed without value overrides). The checkpoint checks (:func:`read_checkpoint`,
 :func:`check_checkpoint_matches`, :func:`check_checkpoint_plugins`) need the freshly built module
 and plugins, so ``train.py`` calls them right after building those.
 
@@ -15,31 +14,28 @@ The rules are general, derived from the config and the code, not from a list of 
 - a node with ``_target_`` is checked against the target's signature: unknown keys (naming the
   closest valid one) and simple types from the annotations (``bool``, ``int``, ``float``,
   ``Literal``, their unions), into nested mappings typed by a dataclass (``schedule``);
-- any other node is checked against the config as composed from the same group choices without
-  value overrides: no new keys (except a ``+name={_target_: ...}`` object such as a callback) and
-  a boolean stays a boolean;
+- any other node is checked against the config composed from the same group choices without
+  value overrides: no new keys (except a ``+name={_target_: ...}`` object such as a callback), a
+  boolean stays a boolean and a number a number;
 - Lightning checks its own Trainer arguments in a throwaway ``Trainer`` that writes nothing;
-- ``trainer.max_epochs`` is at least 1 and every schedule window starts before it ends;
+- ``trainer.max_epochs`` is at least 1 and every schedule window starts before the last epoch;
 - ``optimized_metric`` names a number the run writes to ``summary.json``;
-- the run folder is a folder this user can write.
+- a checkpoint has this model's tensors and this run's plugins.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import logging
 import math
 import re
-import sys
-import tempfile
 import typing
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -47,17 +43,19 @@ from plugins.constraints.registry import accepted_arguments, describe, type_ok, 
 from plugins.errors import ConfigError, is_number
 
 __all__ = [
-    "as_typed",
-    "error_line",
-    "exit_with",
-    "user_error_in",
-    "info_to_stdout",
-    "check_command_line",
     "check_config",
-    "check_run_folder",
+    "check_finite",
+    "check_trainer",
+    "check_schedule_windows",
+    "check_optimized_metric",
     "read_checkpoint",
     "check_checkpoint_matches",
     "check_checkpoint_plugins",
+    "unknown_key",
+    "one_line",
+    "quiet",
+    "locate",
+    "user_error_in",
 ]
 
 # What every run writes to summary.json as numbers (train.py), and what the Classifier logs.
@@ -76,33 +74,7 @@ TRAINER_MINIMUM = {
     "num_sanity_val_steps": -1,
     "num_nodes": 1,
 }
-# Flags after which Hydra prints something and runs no job: left to Hydra.
-_INFO_FLAGS = ("help", "hydra_help", "version", "cfg", "info", "shell_completion", "experimental_rerun")
 _UNSET = object()
-
-
-# --- the one line --------------------------------------------------------------------------------
-
-
-def as_typed(key: str) -> str:
-    """``constraints.rules[0].args.init`` -> ``constraints.rules.0.args.init``: the key as an
-    override spells it."""
-    return re.sub(r"\[(\d+)\]", r".\1", key)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def error_line(err: ConfigError) -> str:
-    """``error: <key as typed>=<value> is not allowed: <what is allowed>``, always one line."""
-    return _one_line(f"error: {as_typed(err.key)}={err.value!r} is not allowed: {err.allowed}")
-
-
-def exit_with(err: ConfigError) -> NoReturn:
-    """A user's mistake: one line on stderr, exit status 2, no traceback."""
-    print(error_line(err), file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 def user_error_in(err: BaseException | None) -> ConfigError | None:
@@ -116,218 +88,9 @@ def user_error_in(err: BaseException | None) -> ConfigError | None:
     return None
 
 
-def info_to_stdout() -> None:
-    """Lightning's info lines ("GPU available", "Seed set to") and Python warnings go to stdout
-    (and, once Hydra has configured logging, to the run's log file): stderr holds errors only."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
-                handler.setStream(sys.stdout)
-    logging.captureWarnings(True)
-    warnings_logger = logging.getLogger("py.warnings")
-    for handler in list(warnings_logger.handlers):
-        warnings_logger.removeHandler(handler)
-    configured = bool(logging.getLogger().handlers)  # Hydra's job logging: console (stdout) and file
-    warnings_logger.propagate = configured
-    if not configured:
-        warnings_logger.addHandler(logging.StreamHandler(sys.stdout))
-
-
-# --- the command line, before Hydra --------------------------------------------------------------
-
-
-def check_command_line(argv: Sequence[str], conf_dir: Path, config_name: str = "train") -> None:
-    """What ``python train.py ARGV`` would get wrong, found before Hydra creates a run folder.
-
-    Hydra's own errors (a malformed override, an unknown group option such as
-    ``hydra/launcher=nope``, ``key=value`` for a key that does not exist) become one ConfigError
-    naming the key as typed; then :func:`check_config` runs on the config composed as Hydra will
-    compose it (in a multirun: once per swept value), and the run folder is checked. Flags after
-    which Hydra runs no job (``--help``, ``--cfg``, ...) and other config folders are Hydra's.
-    """
-    args = _parse_flags(argv)
-    if args is None or any(getattr(args, flag, None) for flag in _INFO_FLAGS):
-        return
-    if args.config_path or args.config_dir:
-        return
-    overrides = _parse_overrides(args.overrides)
-
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with _quiet(), initialize_config_dir(str(conf_dir), version_base="1.3"):
-        repository = GlobalHydra.instance().config_loader().repository
-        _check_group_options(overrides)
-        sweeps = [o for o in overrides if o.is_sweep_override()]
-        base = [_first_value(o) for o in overrides]
-        cfg = _compose(args.config_name or config_name, [o for o in base if o is not None], overrides)
-        multirun = bool(args.multirun) or str(cfg.hydra.get("mode")).endswith("MULTIRUN")
-        if sweeps and not multirun:
-            first = sweeps[0]
-            raise ConfigError(
-                _typed_key(first),
-                first.input_line.partition("=")[2],
-                "one value (add -m to sweep over several; write [a,b] for a list)",
-            )
-        for variant in _variants(overrides, base):
-            composed = cfg if variant is base else _compose(
-                args.config_name or config_name, [o for o in variant if o is not None], overrides
-            )
-            groups = [o for o in variant if o is not None and repository.group_exists(o.key_or_group)]
-            defaults = _compose(args.config_name or config_name, groups, overrides, strict=False)
-            check_config(composed, defaults)
-        if multirun:
-            check_run_folder(str(cfg.hydra.sweep.dir), "hydra.sweep.dir")
-        else:
-            check_run_folder(str(cfg.hydra.run.dir), "hydra.run.dir")
-    GlobalHydra.instance().clear()
-
-
-def _parse_flags(argv: Sequence[str]) -> argparse.Namespace | None:
-    from hydra._internal.utils import get_args_parser
-
-    parser = get_args_parser()
-
-    def refuse(message: str) -> NoReturn:
-        unrecognized = message.partition("unrecognized arguments: ")[2].split()
-        word = unrecognized[0] if unrecognized else message
-        key, _, value = word.partition("=")
-        raise ConfigError(
-            key, value, f"a flag of Hydra (-m, --cfg, --help, ...) before the overrides KEY=VALUE ({message})"
-        )
-
-    parser.error = refuse  # one line instead of argparse's usage and exit
-    return parser.parse_args(list(argv))
-
-
-def _parse_overrides(texts: Sequence[str]) -> list[Any]:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException, OverrideParseException
-
-    parser = OverridesParser.create()
-    parsed = []
-    for text in texts:
-        try:
-            parsed.append(parser.parse_override(text))
-        except (OverrideParseException, HydraException) as err:
-            key, _, value = text.partition("=")
-            reason = str(err).splitlines()[1] if len(str(err).splitlines()) > 1 else str(err)
-            raise ConfigError(
-                key.lstrip("+~") or text, value, f"an override KEY=VALUE in Hydra's syntax ({_one_line(reason)})"
-            ) from None
-    return parsed
-
-
-def _typed_key(override: Any) -> str:
-    return override.key_or_group if override.package is None else f"{override.key_or_group}@{override.package}"
-
-
-def _check_group_options(overrides: Sequence[Any]) -> None:
-    """``hydra/launcher=nope``, ``norm=banana``: the group's options, before Hydra says it in a
-    screenful."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    loader = GlobalHydra.instance().config_loader()
-    for override in overrides:
-        group = override.key_or_group
-        if override.is_delete() or not loader.repository.group_exists(group):
-            continue
-        options = loader.get_group_options(group)
-        values = _sweep_values(override) if override.is_sweep_override() else [override.value()]
-        for value in values or []:
-            if value is not None and str(value) not in options and str(value) != "null":
-                raise ConfigError(_typed_key(override), value, f"one of {', '.join(options)}")
-
-
-def _sweep_values(override: Any) -> list[str] | None:
-    try:
-        return list(override.sweep_string_iterator())
-    except Exception:  # noqa: BLE001 - interval() and glob(): a sweeper's, not a list of values
-        return None
-
-
-def _first_value(override: Any) -> Any:
-    """The override with its first swept value (``None``: a sweep that lists no values)."""
-    if not override.is_sweep_override():
-        return override
-    values = _sweep_values(override)
-    return _with_value(override, values[0]) if values else None
-
-
-def _with_value(override: Any, value: str) -> Any:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return OverridesParser.create().parse_override(f"{override.get_key_element()}={value}")
-
-
-def _variants(overrides: Sequence[Any], base: list[Any]) -> Iterator[list[Any]]:
-    """The base (first value of every sweep), then each other swept value in turn: every value a
-    sweep lists is composed and checked once, without composing the whole product."""
-    yield base
-    for i, override in enumerate(overrides):
-        if override.is_sweep_override():
-            for value in (_sweep_values(override) or [])[1:]:
-                yield [*base[:i], _with_value(override, value), *base[i + 1 :]]
-
-
-def _compose(config_name: str, overrides: Sequence[Any], typed: Sequence[Any], strict: bool = True) -> DictConfig | None:
-    """Hydra's composition, its errors as one ConfigError naming the key as typed."""
-    from hydra import compose
-    from hydra.errors import MissingConfigException
-
-    lines = [o.input_line for o in overrides]
-    try:
-        return compose(config_name, overrides=lines, return_hydra_config=True)
-    except MissingConfigException as err:
-        if not strict:
-            return None
-        missing = re.search(r"Could not find '([^']+)/([^']+)'", str(err))
-        if missing:
-            raise ConfigError(missing.group(1), missing.group(2), f"one of {', '.join(err.options or [])}") from None
-        raise ConfigError("defaults", config_name, _one_line(str(err).splitlines()[0])) from None
-    except Exception as err:  # noqa: BLE001 - Hydra's ConfigCompositionException and OmegaConf's errors
-        if not strict:
-            return None
-        raise _composition_error(err, config_name, typed) from None
-
-
-def _composition_error(err: Exception, config_name: str, typed: Sequence[Any]) -> ConfigError:
-    cause = err.__cause__ or err
-    full_key = getattr(cause, "full_key", None)
-    match = re.search(r"Could not (?:override|append to config|delete from config) '([^']+)'", str(err))
-    key = as_typed(str(full_key or (match.group(1) if match else "") or ""))
-    override = next((o for o in typed if o.key_or_group == key), None)
-    value = override.value() if override is not None and not override.is_sweep_override() else None
-    if match and ("not in struct" in str(cause) or " not in '" in str(cause)):
-        return ConfigError(key, value, _unknown_key_allowed(key, config_name, typed))
-    reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-    return ConfigError(key or "overrides", value, _one_line(reason))
-
-
-def _unknown_key_allowed(key: str, config_name: str, typed: Sequence[Any]) -> str:
-    """For ``sparsity.typo=1``: the keys that exist there, the closest first, or the ``+`` form
-    when the target takes the key but the config does not list it."""
-    from hydra import compose
-    from hydra.core.global_hydra import GlobalHydra
-
-    repository = GlobalHydra.instance().config_loader().repository
-    groups = [o.input_line for o in typed if not o.is_sweep_override() and repository.group_exists(o.key_or_group)]
-    parent_key, _, name = key.rpartition(".")
-    try:
-        cfg = compose(config_name, overrides=groups, return_hydra_config=True)
-        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
-    except Exception:  # noqa: BLE001 - no list of keys then
-        parent = None
-    if isinstance(parent, DictConfig) and "_target_" in parent:
-        target = _locate(parent)
-        if target is not None:
-            named, _, open_ended = accepted_arguments(target)
-            if name in named or open_ended:
-                return f"a key the config lists ({parent._target_} takes it: add it with +{key}=...)"
-            return unknown_argument(key, list(named), str(parent._target_))
-    names = [str(k) for k in parent.keys() if k != "hydra"] if isinstance(parent, DictConfig) else []
-    return _unknown_key(key, names, parent_key or "the config")
+def one_line(text: str) -> str:
+    """Any message (Lightning's span lines) as one line."""
+    return " ".join(str(text).split())
 
 
 def _group_options(group: str) -> list[str]:
@@ -339,7 +102,7 @@ def _group_options(group: str) -> list[str]:
     return loader.get_group_options(group) if loader.repository.group_exists(group) else []
 
 
-def _unknown_key(key: str, names: Sequence[str], where: str) -> str:
+def unknown_key(key: str, names: Sequence[str], where: str) -> str:
     """What is allowed instead of the unknown ``key``: the keys of ``where``, the closest first."""
     parent, _, word = key.rpartition(".")
     if not names:
@@ -350,32 +113,6 @@ def _unknown_key(key: str, names: Sequence[str], where: str) -> str:
     listing = f": {', '.join(names)}" if 0 < len(names) <= 20 else ""
     hint = f"; closest: {parent + '.' if parent else ''}{closest[0]}" if closest else ""
     return f"a key of {where}{listing}{hint}"
-
-
-def check_run_folder(path: str, key: str = "hydra.run.dir") -> None:
-    """The run folder is a folder (or can become one) that this user can write in."""
-    folder = Path(path)
-    probe = folder
-    while True:
-        try:
-            probe.stat()
-            break
-        except FileNotFoundError:
-            if probe.parent == probe:
-                break
-            probe = probe.parent
-        except OSError as err:  # a file in the middle of the path, no permission to look
-            if err.errno == 20:  # ENOTDIR
-                probe = probe.parent
-                continue
-            raise ConfigError(key, path, f"a folder this user can write ({err.strerror}: {probe})") from None
-    if not probe.is_dir():
-        raise ConfigError(key, path, f"a folder ({probe} is a file)")
-    try:
-        with tempfile.TemporaryFile(dir=probe, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise ConfigError(key, path, f"a folder this user can write ({err.strerror}: {probe})") from None
 
 
 # --- the composed config --------------------------------------------------------------------------
@@ -450,7 +187,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _locate(node: DictConfig) -> Callable | None:
+def locate(node: DictConfig) -> Callable | None:
     from hydra.utils import get_object
 
     target = node.get("_target_")
@@ -477,7 +214,7 @@ def _check_node(node: DictConfig, path: str, defaults: DictConfig | None) -> Non
             default = next((v for n, v in _children(defaults) if n == name), _UNSET)
             if name not in defaults and not (isinstance(value, DictConfig) and "_target_" in value):
                 names = [str(k) for k in defaults if k != "hydra"]
-                raise ConfigError(key, _plain(value), _unknown_key(key, names, path or "the config"))
+                raise ConfigError(key, _plain(value), unknown_key(key, names, path or "the config"))
         if isinstance(value, DictConfig):
             if default is None and defaults is not None:
                 default = OmegaConf.create({})  # a group whose option is none: it has no keys
@@ -494,7 +231,7 @@ def _check_node(node: DictConfig, path: str, defaults: DictConfig | None) -> Non
 
 
 def _check_target(node: DictConfig, path: str) -> None:
-    target = _locate(node)
+    target = locate(node)
     if target is None:
         return
     _check_call(target, str(node._target_), node, path, skip_private=True)
@@ -550,19 +287,19 @@ def check_trainer(cfg: DictConfig) -> None:
         value = kwargs.get(name)
         if is_number(value) and value < low:
             raise ConfigError(f"trainer.{name}", value, f"an integer >= {low} (or null for Lightning's default)")
-    target = _locate(node)
+    target = locate(node)
     if target is None:
         return
-    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "callbacks": []}
+    writes_nothing = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "callbacks": []}
     try:
-        with _quiet():
-            target(**{**kwargs, **quiet, "enable_model_summary": False})
+        with quiet():
+            target(**{**kwargs, **writes_nothing, "enable_model_summary": False})
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - Lightning's MisconfigurationException, ValueError, TypeError
         name = _trainer_key(str(err), kwargs)
         raise ConfigError(
-            f"trainer.{name}" if name else "trainer", kwargs.get(name) if name else "", _one_line(str(err))
+            f"trainer.{name}" if name else "trainer", kwargs.get(name) if name else "", one_line(str(err))
         ) from None
 
 
@@ -580,7 +317,7 @@ def _trainer_key(message: str, kwargs: Mapping[str, Any]) -> str | None:
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """No warnings and no Lightning info lines from a check (the real run prints its own)."""
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     levels = [lg.level for lg in loggers]
@@ -658,11 +395,11 @@ def _plugin_numbers(cfg: DictConfig) -> list[str]:
     for name, node in _children(cfg):
         if name == "hydra" or not isinstance(node, DictConfig) or "_target_" not in node:
             continue
-        target = _locate(node)
+        target = locate(node)
         if not (isinstance(target, type) and issubclass(target, L.Callback) and hasattr(target, "summary")):
             continue
         try:
-            with _quiet():
+            with quiet():
                 summary = hydra.utils.instantiate(node, _convert_="all").summary()
         except Exception as err:  # noqa: BLE001 - a ConfigError is the user's; anything else is train()'s to show
             user_error = user_error_in(err)
@@ -709,7 +446,9 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(map(str, shape)) + ")"
 
 
-def check_checkpoint_matches(ckpt_path: str | None, checkpoint: Mapping[str, Any] | None, module: Any) -> None:
+def check_checkpoint_matches(
+    ckpt_path: str | None, checkpoint: Mapping[str, Any] | None, module: Any
+) -> None:
     """The checkpoint's ``state_dict`` has the names and shapes of ``module`` as freshly built
     (before any plugin touched it); otherwise one ConfigError naming ``ckpt_path`` and up to three
     mismatched tensors (name, shape in the checkpoint vs in the model). ``None``: a fresh run."""
@@ -728,8 +467,8 @@ def check_checkpoint_matches(ckpt_path: str | None, checkpoint: Mapping[str, Any
         for name, shape in model.items()
         if name in saved and saved[name] != shape
     ]
-    differ += [f"{name} (not in the checkpoint; model {_shape(shape)})" for name, shape in model.items() if name not in saved]
-    differ += [f"{name} (checkpoint {_shape(shape)}; not in the model)" for name, shape in saved.items() if name not in model]
+    differ += [f"{n} (not in the checkpoint; model {_shape(shape)})" for n, shape in model.items() if n not in saved]
+    differ += [f"{n} (checkpoint {_shape(shape)}; not in the model)" for n, shape in saved.items() if n not in model]
     if differ:
         more = f", and {len(differ) - 3} more" if len(differ) > 3 else ""
         raise ConfigError(
@@ -752,7 +491,9 @@ def _plugin_classes(plugins: Sequence[Any]) -> set[str]:
     return names
 
 
-def check_checkpoint_plugins(ckpt_path: str | None, checkpoint: Mapping[str, Any] | None, plugins: Sequence[Any]) -> None:
+def check_checkpoint_plugins(
+    ckpt_path: str | None, checkpoint: Mapping[str, Any] | None, plugins: Sequence[Any]
+) -> None:
     """The checkpoint holds the state of exactly this run's plugin callbacks (by ``state_key``, which
     starts with the callback's class name); a plugin on one side only is one ConfigError naming
     ``ckpt_path``."""
