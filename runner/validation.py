@@ -62,6 +62,8 @@ __all__ = [
 SUMMARY_NUMBERS = ("params/total", "params/nonzero", "sparsity/global", "seed", "duration_s")
 CLASSIFIER_METRICS = tuple(f"{stage}/{name}" for stage in ("val", "test") for name in ("loss", "acc", "f1"))
 CLASSIFIER_TARGETS = ("models.Classifier", "models.classifier.Classifier")
+# The nodes train.py builds every run from: a ``~norm`` cannot remove one.
+REQUIRED = ("data", "model", "module", "norm", "trainer")
 # Trainer arguments Lightning accepts below these bounds only to fail (or do nothing) later.
 TRAINER_MINIMUM = {
     "max_epochs": 1,
@@ -132,6 +134,9 @@ def check_config(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
 
 
 def _check_top_level(cfg: DictConfig) -> None:
+    for name in REQUIRED:
+        if not isinstance(cfg.get(name, None), DictConfig):
+            raise ConfigError(name, _plain(cfg.get(name, None)), f"a {name} config (train.py builds the run from it)")
     seed = cfg.get("seed", None)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError("seed", seed, "an integer >= 0")

@@ -93,7 +93,7 @@ BOOLEANS = [
     mistake("logger=tensorboard", "logger.tensorboard.default_hp_metric=maybe", says="default_hp_metric='maybe'"),
 ]
 
-# --- an unknown key, with or without +, names the closest valid one --------------------------------
+# --- an unknown key, with or without +, names the closest valid one; a needed key stays ------------
 
 UNKNOWN_KEYS = [
     mistake("+foo=1", says="foo=1 is not allowed: a key of the config"),
@@ -113,6 +113,8 @@ UNKNOWN_KEYS = [
     mistake("constraints=non_negative", "+constraints.rules.0.args.betta=2", says="beta"),
     mistake("+callbacks.stop=1", says="callbacks.stop=1 is not allowed"),
     mistake("hydra.foo=1", says="hydra.foo=1 is not allowed"),
+    mistake("~norm", says="norm=None is not allowed: a norm config"),
+    mistake("~seed", says="seed=None is not allowed"),
 ]
 
 # --- Hydra's and Lightning's own errors, as one line naming the key typed ---------------------------
@@ -135,8 +137,8 @@ HYDRA_AND_LIGHTNING = [
     ),
     mistake("trainer.devices=0", says="trainer.devices=0"),
     mistake("trainer.devices=-5", says="trainer.devices=-5"),
-    mistake("trainer.strategy=nope", says="trainer.strategy='nope'"),
-    mistake("trainer.precision=99", says="trainer.precision=99"),
+    mistake("+trainer.strategy=nope", says="trainer.strategy='nope'"),
+    mistake("+trainer.precision=99", says="trainer.precision=99 is not allowed: one of 64, 32, 16"),
     mistake("trainer.max_epochs=0", says="trainer.max_epochs=0"),
     mistake("trainer.log_every_n_steps=0", says="trainer.log_every_n_steps=0"),
     mistake("-m", "module.lr=0.001,nan", says="module.lr=nan"),

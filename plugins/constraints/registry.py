@@ -184,9 +184,11 @@ def unknown_argument(key: str, names: Sequence[str], label: str) -> str:
     few) and the closest one, named as the user would type it."""
     parent, _, word = key.rpartition(".")
     closest = difflib.get_close_matches(word, list(names), n=1, cutoff=0.0)
+    if not names:
+        return f"an argument of {label}, which takes none"
     listing = f": {', '.join(names)}" if len(names) <= 12 else ""
     hint = f"; closest: {parent + '.' if parent else ''}{closest[0]}" if closest else ""
-    return f"an argument of {label}{listing or (' (none)' if not names else '')}{hint}"
+    return f"an argument of {label}{listing}{hint}"
 
 
 def check_arguments(target: Callable, args: Mapping[str, Any], key: str, label: str) -> None:
