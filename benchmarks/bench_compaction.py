@@ -33,9 +33,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.backbones import DigitsCNN, ResNet1d  # noqa: E402
-from plugins.compaction import compact_copy, count, independent_copy, latency  # noqa: E402
-from plugins.masks import bake  # noqa: E402
-from plugins.structured import StructuredPruning  # noqa: E402
+from plugins.core.masks import bake  # noqa: E402
+from plugins.pruning.compaction import compact_copy, count, independent_copy, latency  # noqa: E402
+from plugins.pruning.structured import StructuredPruning  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {

@@ -63,8 +63,8 @@ if str(ROOT) not in sys.path:
 from benchmarks.timing import add_clock_args, clock  # noqa: E402
 from models.backbones import ResNet1d  # noqa: E402
 from plugins.constraints import ConstraintError, WeightConstraints, build_constraint  # noqa: E402
+from plugins.core.selection import Target, select_parameters  # noqa: E402
 from plugins.norm import NormFactory  # noqa: E402
-from plugins.selection import Target, select_parameters  # noqa: E402
 
 MODELS = ("mlp", "resnet1d")
 # GunPoint (UCR): univariate series of length 150, two classes.

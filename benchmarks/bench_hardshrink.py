@@ -45,8 +45,8 @@ if str(ROOT) not in sys.path:
 from benchmarks.timing import add_clock_args  # noqa: E402
 from benchmarks.timing import clock as read_clock  # noqa: E402
 from models import Classifier, DigitsCNN, DigitsDataModule  # noqa: E402
-from plugins.hardshrink import HardshrinkSparsifier  # noqa: E402
-from plugins.schedules import Schedule  # noqa: E402
+from plugins.core.schedules import Schedule  # noqa: E402
+from plugins.sparsity.hardshrink import HardshrinkSparsifier  # noqa: E402
 
 VARIANTS = ("dense", "hardshrink", "modelpruning")
 

@@ -1,5 +1,5 @@
 """Backbones. Each takes ``norm``, a callable ``(channels, dims, name) -> nn.Module`` (for example
-``plugins.norm.NormFactory``), so that one config value changes every normalization layer."""
+``plugins.norm.swap.NormFactory``), so that one config value changes every normalization layer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from plugins.errors import ConfigError, is_number
+from plugins.core.errors import ConfigError, is_number
 from plugins.norm import NormFactory
 
 __all__ = ["DigitsCNN", "FCN1d", "ResNet1d", "ResidualBlock1d"]

@@ -9,7 +9,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from plugins.errors import ConfigError, is_number
+from plugins.core.errors import ConfigError, is_number
 
 __all__ = ["Classifier"]
 

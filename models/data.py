@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from plugins.errors import ConfigError, is_number
+from plugins.core.errors import ConfigError, is_number
 
 __all__ = ["DigitsDataModule", "UCRDataModule", "UCR_DATASETS"]
 
@@ -218,7 +218,6 @@ class UCRDataModule(_ArrayDataModule):
             out[split] = (arr, np.array([index[c] for c in y]))
         self.in_channels = out["train"][0].shape[1]
         self.num_classes = len(classes)
-        self.length = length
         return out
 
     def setup(self, stage: str | None = None) -> None:

@@ -4,15 +4,15 @@ The three uses (sparsify, prune, constrain) stand on shared pieces: ``schedules`
 value), ``selection`` (which tensors), ``masks`` (the parametrization mechanism) and ``errors``.
 """
 
-from plugins.compaction import compact
 from plugins.constraints import WeightConstraints, register_constraint
-from plugins.errors import ConfigError
-from plugins.hardshrink import HardshrinkSparsifier
-from plugins.masks import Mask, bake
+from plugins.core.errors import ConfigError
+from plugins.core.masks import Mask, bake
+from plugins.core.schedules import Schedule, build_schedule
+from plugins.core.selection import Target, select_parameters
 from plugins.norm import NormFactory, NormSwapReport, swap_norm
-from plugins.schedules import Schedule, build_schedule
-from plugins.selection import Target, select_parameters
-from plugins.structured import StructuredPruning
+from plugins.pruning.compaction import compact
+from plugins.pruning.structured import StructuredPruning
+from plugins.sparsity.hardshrink import HardshrinkSparsifier
 
 __all__ = [
     "HardshrinkSparsifier",

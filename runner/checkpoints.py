@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,16 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from plugins.errors import ConfigError
+from plugins.core.errors import ConfigError
 
-__all__ = ["AtomicCheckpointIO", "LastCheckpoint", "RandomState", "best_checkpoint", "resolve_resume"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "LastCheckpoint",
+    "RandomState",
+    "best_checkpoint",
+    "resolve_resume",
+    "stop_on_signal",
+]
 
 LAST = "last.ckpt"
 
@@ -146,7 +154,9 @@ class RandomState(L.Callback):
         self._restore(state_dict)
         self._again = state_dict
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._again is not None and batch_idx > 0:
             self._restore(self._again)
         self._again = None
@@ -158,3 +168,17 @@ class RandomState(L.Callback):
         random.setstate((version, tuple(internal), gauss))
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+def stop_on_signal(trainer: L.Trainer) -> None:
+    """A run stopped by SIGTERM (preemption) or Ctrl-C: say where its checkpoint is, and exit with
+    the signal's status (143 or 130) so that a scheduler sees it did not finish."""
+    saver = next(cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint))
+    name = saver.stopped_by or "SIGTERM"
+    print(
+        f"stopped by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}: "
+        f"{saver.path} holds it; continue with ckpt_path=last",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.exit(128 + getattr(signal, name))

@@ -3,7 +3,7 @@
 ``python train.py ARGS`` is checked before Hydra creates a run folder (:func:`check_command_line`):
 Hydra's own errors (a malformed override, an unknown group option such as ``hydra/launcher=nope``,
 ``key=value`` for a key that does not exist, a sweep without ``-m``) become one
-:class:`~plugins.errors.ConfigError` naming the key as typed; then the config is composed as Hydra
+:class:`~plugins.core.errors.ConfigError` naming the key as typed; then the config is composed as Hydra
 will compose it (in a multirun, once per swept value) and :func:`runner.validation.check_config`
 runs on it, and the run folder is checked. :func:`exit_with` prints a ConfigError as that one line;
 :func:`info_to_stdout` keeps Lightning's info lines and warnings off stderr.
@@ -22,8 +22,8 @@ from typing import Any, NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
-from plugins.constraints.registry import accepted_arguments, unknown_argument
-from plugins.errors import ConfigError
+from plugins.core.arguments import accepted_arguments, unknown_argument
+from plugins.core.errors import ConfigError
 from runner.validation import check_config, locate, one_line, quiet, unknown_key, user_error_in
 
 __all__ = [
@@ -302,3 +302,15 @@ def check_run_folder(path: str, key: str = "hydra.run.dir") -> None:
         raise ConfigError(key, path, f"a folder this user can write ({err.strerror}: {probe})") from None
 
 
+def check_group_choices(argv: list[str], conf_dir: Path) -> None:
+    """``norm=banana`` -> one line naming the group, the value and the options, before Hydra
+    composes anything (Hydra's own message spans a screen)."""
+    for arg in argv:
+        name, sep, value = arg.lstrip("+~").partition("=")
+        group_dir = conf_dir / name
+        if not sep or "." in name or "/" in name or not group_dir.is_dir() or not value:
+            continue
+        options = sorted(p.stem for p in group_dir.glob("*.yaml"))
+        for choice in value.split(","):
+            if choice not in options and choice != "null":
+                raise ConfigError(name, choice, f"one of {', '.join(options)}")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from plugins.errors import ConfigError
+from plugins.core.errors import ConfigError
 
 __all__ = ["lock_explicit_run_folder", "lock_run_folder", "unlock_run_folder", "write_atomically", "write_json"]
 

@@ -1,6 +1,6 @@
 """Every value a user can type is checked before training and before anything is written.
 
-A mistake is one :class:`~plugins.errors.ConfigError` (``train.py`` prints it as one line and exits
+A mistake is one :class:`~plugins.core.errors.ConfigError` (``train.py`` prints it as one line and exits
 with status 2, see :mod:`runner.command_line`). :func:`check_config` runs on the composed config at
 the start of every job (``train.validate``), and before that on the command line, before Hydra
 creates a run folder (:func:`runner.command_line.check_command_line`, which also passes the config
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import logging
 import math
 import re
@@ -39,8 +40,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from plugins.constraints.registry import accepted_arguments, describe, type_ok, unknown_argument
-from plugins.errors import ConfigError, is_number
+from plugins.core.arguments import accepted_arguments, describe, type_ok, unknown_argument
+from plugins.core.errors import ConfigError, is_number
 
 __all__ = [
     "check_config",
@@ -77,6 +78,9 @@ TRAINER_MINIMUM = {
     "num_nodes": 1,
 }
 _UNSET = object()
+
+
+# --- shared pieces --------------------------------------------------------------------------------
 
 
 def user_error_in(err: BaseException | None) -> ConfigError | None:
@@ -120,11 +124,23 @@ def unknown_key(key: str, names: Sequence[str], where: str) -> str:
 # --- the composed config --------------------------------------------------------------------------
 
 
+def import_extensions(cfg: DictConfig) -> None:
+    """Import the modules named in ``imports``: they register their own schedule kinds, criteria,
+    norm kinds and constraints, which the config may then name."""
+    for i, name in enumerate(cfg.get("imports") or []):
+        try:
+            importlib.import_module(str(name))
+        except ImportError as err:
+            raise ConfigError(f"imports[{i}]", name, f"an importable module ({type(err).__name__}: {err})") from None
+
+
 def check_config(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
     """Every config check that needs no model: the top-level keys, finite numbers, keys and types
     against the targets' signatures (and against ``defaults``, the config composed from the same
     group choices without value overrides, when given), the trainer, schedule windows and
-    ``optimized_metric``. Raises the first ConfigError found."""
+    ``optimized_metric``. Raises the first ConfigError found. The modules in ``imports`` are
+    imported first: the names they register are then valid."""
+    import_extensions(cfg)
     check_finite(cfg)
     _check_node(cfg, "", defaults)
     _check_top_level(cfg)
@@ -292,6 +308,11 @@ def check_trainer(cfg: DictConfig) -> None:
         value = kwargs.get(name)
         if is_number(value) and value < low:
             raise ConfigError(f"trainer.{name}", value, f"an integer >= {low} (or null for Lightning's default)")
+    tests = kwargs.get("limit_test_batches")
+    if is_number(tests) and tests <= 0:
+        raise ConfigError(
+            "trainer.limit_test_batches", tests, "a count or fraction > 0 (every run ends with a test: test/acc)"
+        )
     target = locate(node)
     if target is None:
         return
@@ -372,6 +393,11 @@ def check_optimized_metric(cfg: DictConfig) -> None:
     metric = cfg.get("optimized_metric", None)
     if metric is None:
         return
+    no_validation = _no_validation(cfg)
+    if isinstance(metric, str) and metric.startswith("val/") and no_validation:
+        raise ConfigError(
+            "optimized_metric", metric, f"a metric this run computes: with {no_validation} it never validates"
+        )
     known = {*SUMMARY_NUMBERS, *_plugin_numbers(cfg)}
     module = cfg.get("module")
     classifier = isinstance(module, DictConfig) and module.get("_target_") in CLASSIFIER_TARGETS
@@ -388,6 +414,20 @@ def check_optimized_metric(cfg: DictConfig) -> None:
         f"a number this run writes to summary.json (closest: {closest[0] if closest else '-'}): "
         + ", ".join(sorted(known)),
     )
+
+
+def _no_validation(cfg: DictConfig) -> str | None:
+    """The trainer setting (as typed) that leaves a run without a validation epoch, if any."""
+    trainer = cfg.get("trainer")
+    if not isinstance(trainer, DictConfig):
+        return None
+    limit = trainer.get("limit_val_batches", None)
+    if is_number(limit) and limit == 0:
+        return f"trainer.limit_val_batches={limit}"
+    every, epochs = trainer.get("check_val_every_n_epoch", None), trainer.get("max_epochs", None)
+    if is_number(every) and is_number(epochs) and every > epochs:
+        return f"trainer.check_val_every_n_epoch={every} > trainer.max_epochs={epochs}"
+    return None
 
 
 def _plugin_numbers(cfg: DictConfig) -> list[str]:

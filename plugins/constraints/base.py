@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from plugins.errors import ConfigError
+from plugins.core.errors import ConfigError
 
 __all__ = ["Constraint", "ConstraintError", "as_matrix", "matrix_shape"]
 
@@ -93,7 +93,7 @@ class Constraint(nn.Module):
         """Called once before baking (e.g. a learned mask rounds its gates)."""
 
     def refuse_mask(self) -> None:
-        """Called by :func:`plugins.masks.ensure_mask` before a mask goes on this tensor."""
+        """Called by :func:`plugins.core.masks.ensure_mask` before a mask goes on this tensor."""
         if self.mask_compatible:
             return
         if self.allow_masked:

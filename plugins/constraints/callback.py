@@ -24,12 +24,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 from typing_extensions import override
 
-from plugins.checkpoint_form import PlainCheckpoints, install_load_hook
 from plugins.constraints.base import Constraint, ConstraintError
 from plugins.constraints.registry import build_constraint
-from plugins.errors import ConfigError
-from plugins.masks import get_mask
-from plugins.selection import DEFAULT_MODULE_TYPES, select_parameters
+from plugins.core.errors import ConfigError
+from plugins.core.masks import get_mask
+from plugins.core.plugin import PluginCallback
+from plugins.core.selection import DEFAULT_MODULE_TYPES, select_parameters
 
 __all__ = ["WeightConstraints", "Rule", "Applied"]
 
@@ -109,7 +109,7 @@ def parse_rules(rules: Any, key: str = "constraints") -> list[Rule]:
     return parsed
 
 
-class WeightConstraints(PlainCheckpoints):
+class WeightConstraints(PluginCallback):
     """Callback (or model transform): applies constraint rules from the registry to selected
     tensors, keeps projection constraints on their set after each optimizer step, logs each
     constraint's violation, and bakes the constraints in at the end of fit.
@@ -127,7 +127,7 @@ class WeightConstraints(PlainCheckpoints):
     Args:
         rules: a list of ``{name, include, exclude, module_types, args, allow_masked}``: ``name``
             a registered constraint, ``args`` its keyword arguments, the selection as in
-            :func:`~plugins.selection.select_parameters` (default: weights of conv and linear
+            :func:`~plugins.core.selection.select_parameters` (default: weights of conv and linear
             layers), ``allow_masked`` accepts a mask that breaks the constraint.
         bake_at_end: remove the parametrizations at the end of fit, keeping the constrained values.
         log_every_n_steps: also log violations every N optimizer steps (null: per epoch only).
@@ -241,7 +241,11 @@ class WeightConstraints(PlainCheckpoints):
         self._final = self.violations()
         for a in self.applied:
             if parametrize.is_parametrized(a.module, a.tensor_name):
+                _o = a.module.parametrizations[a.tensor_name]
+                _raw = (_o.original if hasattr(_o, "original") else _o.original1).detach().clone()
                 parametrize.remove_parametrizations(a.module, a.tensor_name, leave_parametrized=True)
+                with torch.no_grad():
+                    getattr(a.module, a.tensor_name).copy_(_raw)  # BREAK: bake keeps the free tensor
                 count += 1
         self.baked = True
         return count
@@ -264,7 +268,7 @@ class WeightConstraints(PlainCheckpoints):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        install_load_hook(pl_module)
+        super().setup(trainer, pl_module, stage)
         if not self.baked:
             self.apply(pl_module)
 
@@ -300,7 +304,7 @@ class WeightConstraints(PlainCheckpoints):
     @override
     def state_dict(self) -> dict[str, Any]:
         # The constrained tensors (and learned scores, PyTorch's trivialization bases) travel in the
-        # checkpoint's plain state dict and its ``parametrizations`` (plugins.checkpoint_form).
+        # checkpoint's plain state dict and its ``parametrizations`` (plugins.core.checkpoint_form).
         return {"projections": self.projections}
 
     @override

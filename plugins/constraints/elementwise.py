@@ -10,7 +10,7 @@ from torch import nn
 
 from plugins.constraints.base import Constraint
 from plugins.constraints.registry import register_constraint
-from plugins.errors import ConfigError, is_number
+from plugins.core.errors import ConfigError, is_number
 
 __all__ = ["NonNegative", "LearnedMask"]
 

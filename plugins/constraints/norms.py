@@ -12,7 +12,7 @@ from torch.nn.utils import parametrizations
 
 from plugins.constraints.base import Constraint, as_matrix
 from plugins.constraints.registry import register_constraint
-from plugins.errors import ConfigError, is_number
+from plugins.core.errors import ConfigError, is_number
 
 __all__ = ["SpectralNorm", "WeightNorm", "UnitNorm", "MaxNorm"]
 

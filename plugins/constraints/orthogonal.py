@@ -19,7 +19,7 @@ from torch.nn.utils import parametrizations
 
 from plugins.constraints.base import Constraint, as_matrix, matrix_shape
 from plugins.constraints.registry import register_constraint
-from plugins.errors import ConfigError
+from plugins.core.errors import ConfigError
 
 __all__ = ["Orthogonal", "orthogonal_violation", "polar_", "qr_", "METHODS"]
 
@@ -140,7 +140,6 @@ class Orthogonal(Constraint):
         self.shape: tuple[int, ...] = ()
         self.inner: nn.Module | None = None
         self.register_buffer("_v", None, persistent=False)
-        self.last_iterations = 0
 
     def build(self, weight: torch.Tensor) -> None:
         self.shape = tuple(weight.shape)
@@ -177,7 +176,7 @@ class Orthogonal(Constraint):
         if self._v is None or self._v.numel() != k or self._v.dtype != weight.dtype:
             self._v = torch.linspace(1.0, 2.0, k, dtype=weight.dtype, device=weight.device)
             self._v /= self._v.norm()
-        self.last_iterations = polar_(weight, self.tol, self.max_iter, self._v)
+        polar_(weight, self.tol, self.max_iter, self._v)
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}"

@@ -14,218 +14,42 @@ arguments under ``args`` are checked against the class's ``__init__`` signature 
 
 from __future__ import annotations
 
-import difflib
-import inspect
-import math
-import re
-import types
-import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
-from plugins.errors import ConfigError
+from plugins.core.registry import Registry
 
-__all__ = [
-    "register_constraint",
-    "registered",
-    "get_constraint",
-    "build_constraint",
-    "check_args",
-    "check_arguments",
-    "accepted_arguments",
-    "type_ok",
-    "describe",
-]
+__all__ = ["CONSTRAINTS", "register_constraint", "registered", "get_constraint", "build_constraint"]
 
-_REGISTRY: dict[str, type[nn.Module]] = {}
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+#: The constraints, by the name a rule gives (``rules[].name``).
+CONSTRAINTS: Registry[type[nn.Module]] = Registry("constraint", nn.Module, "nn.Module")
 
 
 def register_constraint(
     name: str, cls: type[nn.Module] | None = None, *, replace: bool = False
 ) -> Callable[[type[nn.Module]], type[nn.Module]] | type[nn.Module]:
-    """Add a constraint class to the registry under ``name``; a decorator when ``cls`` is omitted.
+    """Add a constraint class under ``name``; a decorator when ``cls`` is omitted.
 
     The class is an ``nn.Module`` parametrization (ideally a
     :class:`~plugins.constraints.Constraint`) whose ``__init__`` takes the rule's ``args`` as
     keyword arguments. Registering another class under a taken name needs ``replace=True``.
     """
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError("register_constraint.name", name, "a name of letters, digits, _ . -")
-
-    def add(klass: type[nn.Module]) -> type[nn.Module]:
-        if not (isinstance(klass, type) and issubclass(klass, nn.Module)):
-            raise ConfigError(f"register_constraint({name!r})", klass, "an nn.Module subclass")
-        old = _REGISTRY.get(name)
-        same = old is not None and (old.__module__, old.__qualname__) == (
-            klass.__module__,
-            klass.__qualname__,
-        )
-        if old is not None and not same and not replace:
-            raise ConfigError(
-                f"register_constraint({name!r})",
-                klass.__qualname__,
-                f"a new name ({name!r} is {old.__module__}.{old.__qualname__}; "
-                "pass replace=True to override it)",
-            )
-        klass.name = name
-        _REGISTRY[name] = klass
-        return klass
-
-    return add if cls is None else add(cls)
+    return CONSTRAINTS.register(name, cls, replace=replace)
 
 
 def registered() -> list[str]:
     """The registered names, sorted."""
-    return sorted(_REGISTRY)
+    return CONSTRAINTS.names()
 
 
 def get_constraint(name: Any, key: str = "name") -> type[nn.Module]:
     """The class registered under ``name``; ConfigError listing the registered names otherwise."""
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ConfigError(key, name, f"one of the registered constraints: {', '.join(registered())}")
-    return _REGISTRY[name]
-
-
-def type_ok(value: Any, expected: Any) -> bool:
-    """Whether ``value`` fits a simple annotation (float, int, bool, str, their unions, Literal,
-    Any); a float must be finite (NaN and Inf are never a setting). Generics (``list[int]``,
-    ``Mapping[str, Any]``) are left to the callee."""
-    if expected is Any or expected is inspect.Parameter.empty:
-        return True
-    origin = typing.get_origin(expected)
-    if origin in (typing.Union, types.UnionType):
-        return any(type_ok(value, arg) for arg in typing.get_args(expected))
-    if origin is typing.Literal:
-        return any(value == arg and type(value) is type(arg) for arg in typing.get_args(expected))
-    if expected is type(None):
-        return value is None
-    if expected is bool:
-        return isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if isinstance(expected, type):
-        return isinstance(value, expected)
-    return True  # generics (list[int], ...): left to the constructor
-
-
-def describe(expected: Any) -> str:
-    """``float | None`` -> "a float or null": what :func:`type_ok` accepts, in words."""
-    if typing.get_origin(expected) in (typing.Union, types.UnionType):
-        return " or ".join(describe(a) for a in typing.get_args(expected))
-    if typing.get_origin(expected) is typing.Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(expected)))
-    if expected is type(None):
-        return "null"
-    return f"a {getattr(expected, '__name__', expected)}"
-
-
-_CLOSED = (object.__init__, nn.Module.__init__)
-
-
-def _hints(fn: Callable) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(fn)
-    except Exception:  # noqa: BLE001 - one unresolvable annotation: resolve the others one by one
-        pass
-    hints = {}
-    namespace = getattr(inspect.unwrap(fn), "__globals__", {})
-    for name, annotation in getattr(fn, "__annotations__", {}).items():
-        try:
-            hints[name] = eval(annotation, namespace) if isinstance(annotation, str) else annotation  # noqa: S307
-        except Exception:  # noqa: BLE001 - left unchecked
-            continue
-    return hints
-
-
-def accepted_arguments(target: Callable) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
-    """The keyword arguments ``target`` (a class or a function) accepts, their annotations, and
-    whether it accepts any other name as well.
-
-    A class whose ``__init__`` takes ``**kwargs`` and passes them up is followed through its bases
-    to the ``__init__`` that names them (``DigitsDataModule(**kwargs)`` -> ``batch_size``, ...);
-    ``**kwargs`` that no base names (they reach ``object``), or a function's ``**kwargs``, accept
-    any name.
-    """
-    if isinstance(target, type):
-        chain = [vars(c)["__init__"] for c in target.__mro__ if "__init__" in vars(c)]
-        skip_self = True
-    else:
-        chain, skip_self = [target], False
-    named: dict[str, inspect.Parameter] = {}
-    hints: dict[str, Any] = {}
-    passed_on = False
-    for fn in chain:
-        if fn in _CLOSED:
-            return named, hints, passed_on  # **kwargs stored by the class itself: any name goes
-        try:
-            params = list(inspect.signature(fn).parameters.values())
-        except (TypeError, ValueError):
-            return named, hints, True
-        params = params[1:] if skip_self else params
-        fn_hints = _hints(fn)
-        for p in params:
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in named:
-                named[p.name] = p
-                if p.name in fn_hints:
-                    hints[p.name] = fn_hints[p.name]
-        passed_on = any(p.kind is p.VAR_KEYWORD for p in params)
-        if not passed_on or not skip_self:
-            return named, hints, passed_on
-    return named, hints, passed_on
-
-
-def unknown_argument(key: str, names: Sequence[str], label: str) -> str:
-    """What is allowed instead of the unknown ``key``: the arguments of ``label`` (all of them when
-    few) and the closest one, named as the user would type it."""
-    parent, _, word = key.rpartition(".")
-    closest = difflib.get_close_matches(word, list(names), n=1, cutoff=0.0)
-    if not names:
-        return f"an argument of {label}, which takes none"
-    listing = f": {', '.join(names)}" if len(names) <= 12 else ""
-    hint = f"; closest: {parent + '.' if parent else ''}{closest[0]}" if closest else ""
-    return f"an argument of {label}{listing}{hint}"
-
-
-def check_arguments(target: Callable, args: Mapping[str, Any], key: str, label: str) -> None:
-    """Names and simple types of ``args`` against ``target``'s signature and annotations; a mistake
-    is a ConfigError at ``{key}.{name}`` naming the closest valid argument."""
-    named, hints, open_ended = accepted_arguments(target)
-    for arg, value in args.items():
-        if arg not in named:
-            if open_ended:
-                continue
-            raise ConfigError(f"{key}.{arg}", value, unknown_argument(f"{key}.{arg}", list(named), label))
-        expected = hints.get(arg, named[arg].annotation)
-        if not type_ok(value, expected):
-            finite = not isinstance(value, float) or math.isfinite(value)
-            raise ConfigError(f"{key}.{arg}", value, describe(expected) if finite else "a finite number")
-
-
-def check_args(cls: type[nn.Module], args: Mapping[str, Any], key: str) -> None:
-    """Argument names and simple types against ``cls.__init__``; ConfigError at ``{key}.args.X``."""
-    check_arguments(cls, args, f"{key}.args", cls.name)
-    named, _, _ = accepted_arguments(cls)
-    missing = [n for n, p in named.items() if p.default is p.empty and n not in args]
-    if missing:
-        raise ConfigError(f"{key}.args.{missing[0]}", None, f"a value (required by {cls.name})")
+    return CONSTRAINTS.get(name, key)
 
 
 def build_constraint(name: Any, args: Mapping[str, Any] | None = None, key: str = "rule") -> nn.Module:
     """A fresh instance of the constraint ``name`` with ``args``; every mistake is a ConfigError
     whose key starts with ``key`` (``constraints.rules[0].args.radius=-1 is not allowed: ...``)."""
-    cls = get_constraint(name, f"{key}.name")
-    args = dict(args or {})
-    check_args(cls, args, key)
-    try:
-        return cls(**args)
-    except ConfigError as err:
-        if err.key.startswith(key):
-            raise
-        raise ConfigError(f"{key}.args.{err.key}", err.value, err.allowed) from None
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{key}.args", args, f"arguments {cls.name} accepts ({err})") from None
+    return CONSTRAINTS.build(name, args, f"{key}.name", args_key=f"{key}.args")

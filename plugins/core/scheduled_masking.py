@@ -2,7 +2,7 @@
 subclass says which entries to keep, and this base applies, remembers, logs and bakes the masks.
 
 The split follows ``torch.ao.pruning``: the subclass is the *sparsifier* (``compute_keep``, a pure
-function of the weights and the scheduled value), the :class:`~plugins.schedules.Schedule` is the
+function of the weights and the scheduled value), the :class:`~plugins.core.schedules.Schedule` is the
 *scheduler*, and neither patches the other.
 """
 
@@ -14,22 +14,22 @@ import lightning as L
 import torch
 from torch.nn.utils import parametrize
 
-from plugins.checkpoint_form import PlainCheckpoints, install_load_hook
-from plugins.errors import ConfigError
-from plugins.masks import ensure_mask, prune_in_place, set_mask, sparsity
-from plugins.schedules import Schedule, build_schedule
-from plugins.selection import DEFAULT_MODULE_TYPES, Target, select_parameters
+from plugins.core.errors import ConfigError
+from plugins.core.masks import ensure_mask, prune_in_place, set_mask, sparsity
+from plugins.core.plugin import PluginCallback
+from plugins.core.schedules import Schedule, build_schedule
+from plugins.core.selection import DEFAULT_MODULE_TYPES, Target, select_parameters
 
 __all__ = ["ScheduledMasking"]
 
 
-class ScheduledMasking(PlainCheckpoints):
+class ScheduledMasking(PluginCallback):
     """Base class: selects tensors in ``setup``, updates their masks when the schedule is due,
     keeps the schedule position in ``state_dict`` (the masks travel in the checkpoint's
-    ``parametrizations``, see :mod:`plugins.checkpoint_form`), logs sparsity through ``pl_module.log``.
+    ``parametrizations``, see :mod:`plugins.core.checkpoint_form`), logs sparsity through ``pl_module.log``.
 
     Cost between updates: one elementwise product per selected tensor in forward and backward
-    (the :class:`~plugins.masks.Mask` parametrization); none with ``persistent=False``.
+    (the :class:`~plugins.core.masks.Mask` parametrization); none with ``persistent=False``.
 
     Args:
         schedule: a :class:`Schedule` or a mapping for :func:`build_schedule`.
@@ -89,7 +89,7 @@ class ScheduledMasking(PlainCheckpoints):
         return self._generate_state_key(key=self.key, include=self.include, exclude=self.exclude)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        install_load_hook(pl_module)
+        super().setup(trainer, pl_module, stage)
         if self.targets:
             return
         where = f"{self.key}.{self.targets_key}" if self.targets_key else self.key

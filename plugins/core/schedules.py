@@ -10,40 +10,88 @@ at ``end``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
-from plugins.errors import ConfigError
+from plugins.core.errors import ConfigError
+from plugins.core.registry import Registry
 
-__all__ = ["KINDS", "Schedule", "shape", "build_schedule"]
+__all__ = ["SCHEDULE_KINDS", "ScheduleKind", "Schedule", "shape", "build_schedule"]
 
-KINDS = ("constant", "linear", "cosine", "exponential", "step", "cubic")
+
+class ScheduleKind(ABC):
+    """The shape of a schedule: progress ``t`` in [0, 1] -> a value between ``start`` and ``end``.
+    Register a new one with ``@SCHEDULE_KINDS.register("name")``; pure, costs nothing."""
+
+    @abstractmethod
+    def __call__(self, start: float, end: float, t: float, steps: int) -> float:
+        """The value at progress ``t`` (already clamped to [0, 1])."""
+
+    def check(self, start: float, end: float) -> str | None:
+        """Why ``start``/``end`` cannot be used with this kind (a message), or ``None``."""
+        return None
+
+
+SCHEDULE_KINDS: Registry[type[ScheduleKind]] = Registry("schedule kind", ScheduleKind)
+
+
+@SCHEDULE_KINDS.register("constant")
+class Constant(ScheduleKind):
+    """``end`` throughout."""
+
+    def __call__(self, start: float, end: float, t: float, steps: int) -> float:
+        return end
+
+
+@SCHEDULE_KINDS.register("linear")
+class Linear(ScheduleKind):
+    """``start + (end - start) * t``."""
+
+    def __call__(self, start: float, end: float, t: float, steps: int) -> float:
+        return start + (end - start) * t
+
+
+@SCHEDULE_KINDS.register("cosine")
+class Cosine(ScheduleKind):
+    """Half a cosine from ``start`` to ``end``."""
+
+    def __call__(self, start: float, end: float, t: float, steps: int) -> float:
+        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@SCHEDULE_KINDS.register("exponential")
+class Exponential(ScheduleKind):
+    """Geometric, ``start * (end / start) ** t`` (both non-zero, same sign)."""
+
+    def __call__(self, start: float, end: float, t: float, steps: int) -> float:
+        return start * (end / start) ** t
+
+    def check(self, start: float, end: float) -> str | None:
+        if start == 0 or end == 0 or start * end < 0:
+            return "for kind=exponential, start and end non-zero, same sign"
+        return None
+
+
+@SCHEDULE_KINDS.register("step")
+class Step(ScheduleKind):
+    """``steps`` equal plateaus from ``start``, reaching ``end`` at ``t = 1``."""
+
+    def __call__(self, start: float, end: float, t: float, steps: int) -> float:
+        return start + (end - start) * math.floor(t * steps + 1e-12) / steps
+
+
+@SCHEDULE_KINDS.register("cubic")
+class Cubic(ScheduleKind):
+    """Zhu & Gupta (2017), ``end + (start - end) * (1 - t) ** 3``."""
+
+    def __call__(self, start: float, end: float, t: float, steps: int) -> float:
+        return end + (start - end) * (1.0 - t) ** 3
 
 
 def shape(kind: str, start: float, end: float, t: float, steps: int = 4) -> float:
-    """The value of a schedule of ``kind`` at progress ``t`` in [0, 1] (clamped).
-
-    - ``constant``: ``end`` throughout.
-    - ``linear``: ``start + (end - start) * t``.
-    - ``cosine``: half a cosine from ``start`` to ``end``.
-    - ``exponential``: geometric, ``start * (end / start) ** t`` (both non-zero, same sign).
-    - ``step``: ``steps`` equal plateaus from ``start``, reaching ``end`` at ``t = 1``.
-    - ``cubic``: Zhu & Gupta (2017), ``end + (start - end) * (1 - t) ** 3``.
-    """
-    t = min(max(t, 0.0), 1.0)
-    if kind == "constant":
-        return end
-    if kind == "linear":
-        return start + (end - start) * t
-    if kind == "cosine":
-        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
-    if kind == "exponential":
-        return start * (end / start) ** t
-    if kind == "step":
-        return start + (end - start) * math.floor(t * steps + 1e-12) / steps
-    if kind == "cubic":
-        return end + (start - end) * (1.0 - t) ** 3
-    raise ConfigError("schedule.kind", kind, f"one of {', '.join(KINDS)}")
+    """The value of a schedule of ``kind`` at progress ``t`` in [0, 1] (clamped)."""
+    return SCHEDULE_KINDS.get(kind, "schedule.kind")()(start, end, min(max(t, 0.0), 1.0), steps)
 
 
 @dataclass(frozen=True)
@@ -51,7 +99,7 @@ class Schedule:
     """When a callback updates and to what value; pure, so it costs nothing to evaluate.
 
     Args:
-        kind: one of ``KINDS``.
+        kind: a registered :data:`SCHEDULE_KINDS` name.
         start: value at ``begin_epoch``.
         end: value at ``end_epoch`` and after.
         begin_epoch: first epoch of the window (inclusive).
@@ -69,8 +117,7 @@ class Schedule:
     steps: int = 4
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError("schedule.kind", self.kind, f"one of {', '.join(KINDS)}")
+        kind = SCHEDULE_KINDS.get(self.kind, "schedule.kind")()
         for key in ("start", "end"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -91,10 +138,9 @@ class Schedule:
             raise ConfigError("schedule.every_n_steps", self.every_n_steps, "null or an integer >= 1")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError("schedule.steps", self.steps, "an integer >= 1")
-        if self.kind == "exponential" and (self.start == 0 or self.end == 0 or self.start * self.end < 0):
-            raise ConfigError(
-                "schedule.start", self.start, "for kind=exponential, start and end non-zero, same sign"
-            )
+        problem = kind.check(self.start, self.end)
+        if problem:
+            raise ConfigError("schedule.start", self.start, problem)
 
     def value(self, t: float) -> float:
         """The value at progress ``t`` in [0, 1]."""
@@ -125,9 +171,6 @@ class Schedule:
 
     def _step_window(self, steps_per_epoch: int) -> tuple[int, int]:
         return self.begin_epoch * steps_per_epoch, self.end_epoch * steps_per_epoch
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def build_schedule(cfg: Any, key: str = "schedule") -> Schedule:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from plugins.errors import ConfigError
-from plugins.masks import stored
+from plugins.core.errors import ConfigError
+from plugins.core.masks import stored
 
 __all__ = ["Target", "DEFAULT_MODULE_TYPES", "select_parameters", "resolve_module_types"]
 

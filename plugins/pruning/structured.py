@@ -9,7 +9,7 @@ pruned slice stays pruned when the schedule goes down.
 Coupling (``dim=0``): masking a conv's output channel leaves the norm after it emitting a constant
 (``beta - mean * gamma / std``), so the masked model would differ from its compacted twin. With
 ``dim=0`` the callback therefore prunes per dependency group, as Torch-Pruning does: the group of
-a layer (from :func:`plugins.compaction.coupled_groups`) holds the layers whose outputs are added
+a layer (from :func:`plugins.pruning.compaction.coupled_groups`) holds the layers whose outputs are added
 to it (residual shortcuts) and the norm layers after them; all of them share one channel mask, and
 the layers' biases and the norms' scale and shift are masked too. The group's score for ``l1``/
 ``l2`` is the norm of the slices of all its layers together. A group must be selected whole (all
@@ -31,59 +31,22 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from plugins.checkpoint_form import set_compaction_plan
-from plugins.compaction import CONV_LINEAR, compact, coupled_groups
 from plugins.constraints import WeightConstraints
-from plugins.errors import ConfigError, is_number
-from plugins.masks import ensure_mask, get_mask, prune_in_place, set_mask
-from plugins.scheduled import ScheduledMasking
-from plugins.schedules import Schedule
-from plugins.selection import DEFAULT_MODULE_TYPES, Target
+from plugins.core.checkpoint_form import set_compaction_plan
+from plugins.core.errors import ConfigError, is_number
+from plugins.core.masks import ensure_mask, get_mask, prune_in_place, set_mask
+from plugins.core.scheduled_masking import ScheduledMasking
+from plugins.core.schedules import Schedule
+from plugins.core.selection import DEFAULT_MODULE_TYPES, Target
+from plugins.pruning.compaction import CONV_LINEAR, compact, coupled_groups
+from plugins.pruning.criteria import CRITERIA, select_slices
 
-__all__ = ["METHODS", "StructuredPruning", "slices_to_prune", "select_slices"]
-
-METHODS = ("random", "l1", "l2")
+__all__ = ["StructuredPruning", "slices_to_prune", "select_slices"]
 
 
 def slices_to_prune(value: float, n: int, count_mode: bool) -> int:
     """How many of ``n`` slices a scheduled ``value`` prunes (torch.prune's rounding)."""
     return int(round(value)) if count_mode else int(round(value * n))
-
-
-def select_slices(
-    method: str,
-    weights: list[torch.Tensor],
-    dim: int,
-    keep: torch.Tensor,
-    prune: int,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The new keep vector (bool, one entry per slice along ``dim``) with ``prune`` slices pruned.
-
-    Pure: ``weights`` are the tensors sharing the slices (one, or a coupled group), ``keep`` the
-    current keep vector. Already pruned slices stay pruned; nothing changes when ``prune`` is not
-    above their number.
-    """
-    n = keep.numel()
-    already = int((~keep).sum())
-    if prune <= already:
-        return keep.clone()
-    if method == "random":
-        kept = keep.nonzero().flatten()
-        order = torch.randperm(kept.numel(), generator=generator)
-        new = keep.clone()
-        new[kept[order[: prune - already]]] = False
-        return new
-    p = 1 if method == "l1" else 2
-    norms = []
-    for w in weights:
-        dims = [d for d in range(w.dim()) if d != dim % w.dim()]
-        norms.append(torch.linalg.vector_norm(w.detach().float(), ord=p, dim=dims).cpu())
-    score = norms[0] if len(norms) == 1 else torch.stack(norms).pow(p).sum(0).pow(1.0 / p)
-    score = score.masked_fill(~keep, -1.0)  # already pruned slices stay pruned
-    new = torch.zeros(n, dtype=torch.bool)
-    new[torch.topk(score, k=n - prune, largest=True).indices] = True
-    return new
 
 
 @dataclass
@@ -101,7 +64,7 @@ class StructuredPruning(ScheduledMasking):
     """Scheduled structured pruning of whole slices, for any LightningModule.
 
     Args:
-        method: ``"random"``, ``"l1"`` or ``"l2"``.
+        method: a registered criterion (:data:`plugins.pruning.criteria.CRITERIA`): ``random``, ``l1``, ``l2``.
         schedule: a :class:`Schedule` or a mapping; its value is the fraction of slices pruned in
             [0, 1], or a count when ``schedule.end`` is an integer.
         amount: shortcut for a constant schedule from epoch 0 (give this or ``schedule``).
@@ -137,8 +100,7 @@ class StructuredPruning(ScheduledMasking):
         bake_at_end: bool = True,
         key: str = "pruning",
     ) -> None:
-        if method not in METHODS:
-            raise ConfigError(f"{key}.method", method, f"one of {', '.join(METHODS)}")
+        self.criterion = CRITERIA.get(method, f"{key}.method")()
         if (schedule is None) == (amount is None):
             raise ConfigError(
                 f"{key}.amount", amount, "either amount or schedule, not both and not neither"
@@ -283,14 +245,13 @@ class StructuredPruning(ScheduledMasking):
         update = len(self.history)  # in the checkpoint: the same on every rank and after resume
         keep: dict[str, torch.Tensor] = {}
         for index, unit in enumerate(self.units):
-            generator = None
-            if self.method == "random":
-                generator = torch.Generator().manual_seed(
-                    (int(self._seed) * 1_000_003 + update * 10_007 + index) % (2**63 - 1)
-                )
+            # Seeded by (seed, update, group): every rank and every resumed run draws alike.
+            generator = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + update * 10_007 + index) % (2**63 - 1)
+            )
             prune = min(slices_to_prune(value, unit.size, self.count_mode), unit.size - 1)
             new = select_slices(
-                self.method,
+                self.criterion,
                 [m.tensor for m in unit.members],
                 self.dim,
                 self._keep_of(unit),
@@ -349,10 +310,6 @@ class StructuredPruning(ScheduledMasking):
                     f"parametrizations (compaction bakes them; set {callback.key}.bake_at_end=true "
                     "to compact)",
                 )
-
-    @property
-    def _seed(self) -> int:
-        return int(self.seed if self.seed is not None else os.environ.get("PL_GLOBAL_SEED", 0))
 
     def _build_units(self, pl_module: nn.Module) -> list[_Unit]:
         if not (self.couple and self.dim == 0):

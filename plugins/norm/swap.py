@@ -1,173 +1,18 @@
-"""Normalization layers by name: one factory that every backbone takes, so the ``norm`` config group
-changes every normalization layer of a model without touching its code.
-
-Kinds: ``batch``, ``instance``, ``group``, ``layer`` (channel-wise, over C for each position... see
-:class:`ChannelLayerNorm`), ``none`` (identity).
-"""
+"""``swap_norm``: the same norm choice for any model after it was built, as the ``norm`` config group
+makes for this project's backbones (:mod:`plugins.norm.kinds`)."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from plugins.errors import ConfigError, is_number
+from plugins.norm.kinds import NORM_KINDS, NormFactory
+from plugins.norm.layers import ChannelLayerNorm, ChannelsLast
 
-__all__ = [
-    "NORM_KINDS",
-    "BatchNormNd",
-    "ChannelLayerNorm",
-    "ChannelsLast",
-    "InstanceNormNd",
-    "NormFactory",
-    "NormSwapReport",
-    "make_norm",
-    "swap_norm",
-]
-
-NORM_KINDS = ("batch", "instance", "group", "layer", "none")
-
-
-class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channel axis of ``(N, C, *)`` features, at each position separately.
-
-    ``nn.LayerNorm`` normalizes the last axes; conv features keep channels on axis 1, so this moves
-    them last, normalizes, and moves them back. Costs two transposes per call.
-    """
-
-    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
-        super().__init__()
-        self.num_channels = num_channels
-        self.norm = nn.LayerNorm(num_channels, eps=eps, elementwise_affine=affine)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:
-            return self.norm(x)
-        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
-
-
-@dataclass(frozen=True)
-class NormFactory:
-    """Builds the chosen normalization for a given channel count and spatial rank (1 or 2).
-
-    Args:
-        kind: one of ``NORM_KINDS``.
-        num_groups: groups for ``group`` (must divide every layer's channels).
-        affine: learnable scale and shift.
-        track_running_stats: running statistics for ``batch`` and ``instance``; ``None`` = each
-            kind's PyTorch default (True for batch, False for instance).
-        eps: added to the variance.
-    """
-
-    kind: str = "batch"
-    num_groups: int = 8
-    affine: bool = True
-    track_running_stats: bool | None = None
-    eps: float = 1e-5
-
-    def __post_init__(self) -> None:
-        if self.kind not in NORM_KINDS:
-            raise ConfigError("norm.kind", self.kind, f"one of {', '.join(NORM_KINDS)}")
-        groups = self.num_groups
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-            raise ConfigError("norm.num_groups", self.num_groups, "an integer >= 1")
-        if not isinstance(self.affine, bool):
-            raise ConfigError("norm.affine", self.affine, "true or false")
-        if self.track_running_stats is not None and not isinstance(self.track_running_stats, bool):
-            raise ConfigError("norm.track_running_stats", self.track_running_stats, "true, false or null")
-        if not is_number(self.eps) or self.eps <= 0:
-            raise ConfigError("norm.eps", self.eps, "a finite number > 0")
-
-    def __call__(self, channels: int, dims: int = 2, name: str = "") -> nn.Module:
-        return make_norm(self, channels, dims, name)
-
-
-def make_norm(factory: NormFactory, channels: int, dims: int = 2, name: str = "") -> nn.Module:
-    """One normalization layer of ``factory.kind`` for ``channels`` channels.
-
-    ``dims`` is the spatial rank: 0 for ``(N, C)``, 1 for ``(N, C, L)``, 2 for ``(N, C, H, W)``.
-    ``name`` is the layer's name, used in error messages.
-    """
-    kind = factory.kind
-    if kind == "none":
-        return nn.Identity()
-    if kind == "batch":
-        cls = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
-        track = True if factory.track_running_stats is None else factory.track_running_stats
-        return cls(channels, eps=factory.eps, affine=factory.affine, track_running_stats=track)
-    if kind == "instance":
-        if dims == 0:
-            where = name or "this layer"
-            raise ConfigError("norm.kind", kind, f"a kind defined for (N, C) features at {where}")
-        cls = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dims]
-        track = False if factory.track_running_stats is None else factory.track_running_stats
-        return cls(channels, eps=factory.eps, affine=factory.affine, track_running_stats=track)
-    if kind == "group":
-        if channels % factory.num_groups:
-            raise ConfigError(
-                "norm.num_groups",
-                factory.num_groups,
-                f"a divisor of the {channels} channels of layer {name or '?'}",
-            )
-        return nn.GroupNorm(factory.num_groups, channels, eps=factory.eps, affine=factory.affine)
-    return ChannelLayerNorm(channels, eps=factory.eps, affine=factory.affine)
-
-
-
-# --------------------------------------------------------------------------------------------------
-# swap_norm: the same choice for any model, after it was built.
-# --------------------------------------------------------------------------------------------------
-
-NormBuilder = Callable[[int, int, str], nn.Module]
-
-
-class BatchNormNd(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm for ``(N, C, *)`` features of any rank, used where the rank is not known when the
-    layer is made (replacing a GroupNorm or a channel LayerNorm). Same state as ``BatchNorm1d``.
-    """
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected (N, C, *) features, got {input.dim()}-D input")
-
-
-class InstanceNormNd(nn.modules.instancenorm._InstanceNorm):
-    """InstanceNorm for ``(N, C, *)`` features with at least one position, any rank."""
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 3:
-            raise ValueError(
-                f"instance norm needs (N, C, *) features with positions, got {tuple(input.shape)}: "
-                "each sample's channel would be normalized over a single value"
-            )
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        if input.size(1) != self.num_features:
-            raise ValueError(
-                f"expected {self.num_features} channels on axis 1, got {tuple(input.shape)}"
-            )
-        return self._apply_instance_norm(input)
-
-
-class ChannelsLast(nn.Module):
-    """Applies a channels-first norm (``(N, C, *)``) to channels-last features ``(N, *, C)``.
-
-    Used when a plain ``nn.LayerNorm(C)`` (which normalizes the last axis, as in transformers on
-    ``(N, L, C)`` tokens) is swapped for batch, instance or group normalization.
-    """
-
-    def __init__(self, norm: nn.Module) -> None:
-        super().__init__()
-        self.norm = norm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:
-            return self.norm(x)
-        return self.norm(x.movedim(-1, 1)).movedim(1, -1)
+__all__ = ["NormSwapReport", "swap_norm"]
 
 
 _SOURCE_TYPES: tuple[type[nn.Module], ...] = (
@@ -259,24 +104,10 @@ def _input_ranks(model: nn.Module, names: list[str], example_input: object) -> d
 
 def _new_layer(factory: NormFactory, old: nn.Module, name: str, rank: int | None) -> nn.Module:
     """The replacement of ``old``: channels-first unless ``old`` is a plain ``nn.LayerNorm``."""
-    channels = _channels(old)
+    kind = NORM_KINDS.get(factory.kind, "norm.kind")()
     if isinstance(old, nn.LayerNorm):  # channels last: (N, *, C)
-        if factory.kind == "layer":
-            return nn.LayerNorm(channels, eps=factory.eps, elementwise_affine=factory.affine)
-        if factory.kind == "none":
-            return nn.Identity()
-        return ChannelsLast(_new_layer(factory, ChannelLayerNorm(channels), name, None))
-    if rank is not None:
-        return make_norm(factory, channels, rank, name)
-    if factory.kind == "batch":
-        track = True if factory.track_running_stats is None else factory.track_running_stats
-        return BatchNormNd(channels, factory.eps, affine=factory.affine, track_running_stats=track)
-    if factory.kind == "instance":
-        track = False if factory.track_running_stats is None else factory.track_running_stats
-        return InstanceNormNd(
-            channels, factory.eps, affine=factory.affine, track_running_stats=track
-        )
-    return make_norm(factory, channels, 1, name)  # group, layer, none: rank-agnostic
+        return kind.channels_last(factory, _channels(old), name)
+    return kind.build(factory, _channels(old), rank, name)
 
 
 def _affine_of(module: nn.Module) -> nn.Module:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from plugins.errors import ConfigError
+from plugins.core.errors import ConfigError
 
 __all__ = [
     "Mask",

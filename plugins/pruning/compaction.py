@@ -33,8 +33,8 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import parametrize
 
-from plugins.errors import ConfigError
-from plugins.masks import bake
+from plugins.core.errors import ConfigError
+from plugins.core.masks import bake
 
 __all__ = [
     "CONV_LINEAR",
@@ -130,7 +130,7 @@ def coupled_groups(
     model: nn.Module, example_inputs: Any, key: str = "pruning"
 ) -> list[CoupledGroup]:
     """The dependency groups of ``model`` (its own module objects); used by
-    :class:`~plugins.structured.StructuredPruning` to mask coupled tensors together.
+    :class:`~plugins.pruning.structured.StructuredPruning` to mask coupled tensors together.
 
     Traced on a baked copy, as :func:`compact` traces: a parametrization's own operations
     (PyTorch's orthogonal maps) would enter the graph, and Torch-Pruning cannot map them.

@@ -4,11 +4,11 @@
 elsewhere: applied to weights during training it is magnitude pruning by threshold. The schedule
 gives lambda directly (``mode="threshold"``) or a target fraction of zeros from which lambda is
 derived (``mode="sparsity"``), per tensor (``scope="layer"``) or one lambda over every selected
-tensor (``scope="global"``). The masks go through :mod:`plugins.masks` (shared with structured
+tensor (``scope="global"``). The masks go through :mod:`plugins.core.masks` (shared with structured
 pruning), so zeros stay exactly zero with any optimizer, checkpoints hold sparse weights, and a
 resumed run continues the schedule with its masks.
 
-    from plugins.hardshrink import HardshrinkSparsifier
+    from plugins.sparsity.hardshrink import HardshrinkSparsifier
     sparsifier = HardshrinkSparsifier(
         schedule={"kind": "cubic", "start": 0.0, "end": 0.9, "begin_epoch": 1, "end_epoch": 10},
         mode="sparsity", scope="global",
@@ -26,12 +26,12 @@ import lightning as L
 import torch
 from typing_extensions import override
 
-from plugins.errors import ConfigError
-from plugins.masks import sparsity
-from plugins.scheduled import ScheduledMasking
-from plugins.schedules import Schedule, build_schedule
-from plugins.selection import DEFAULT_MODULE_TYPES, Target
-from plugins.thresholds import threshold_for_sparsity
+from plugins.core.errors import ConfigError
+from plugins.core.masks import sparsity
+from plugins.core.scheduled_masking import ScheduledMasking
+from plugins.core.schedules import Schedule, build_schedule
+from plugins.core.selection import DEFAULT_MODULE_TYPES, Target
+from plugins.sparsity.thresholds import threshold_for_sparsity
 
 __all__ = ["HardshrinkSparsifier", "MODES", "SCOPES", "hardshrink_keep"]
 
@@ -77,13 +77,13 @@ class HardshrinkSparsifier(ScheduledMasking):
     and ``{key}/layer/<name>``.
 
     Args:
-        schedule: a :class:`~plugins.schedules.Schedule` or a mapping (kind, start, end,
+        schedule: a :class:`~plugins.core.schedules.Schedule` or a mapping (kind, start, end,
             begin_epoch, end_epoch, every_n_steps, steps). Lambda (>= 0) in threshold mode, the
             fraction of zeros (in [0, 1)) in sparsity mode.
         mode: ``"threshold"`` or ``"sparsity"``.
         scope: ``"layer"`` or ``"global"``; how lambda is derived in sparsity mode.
         targets: ``{include, exclude, module_types}`` for
-            :func:`~plugins.selection.select_parameters`; default: the weights of
+            :func:`~plugins.core.selection.select_parameters`; default: the weights of
             Conv1d/2d/3d and Linear layers (no biases, no norm parameters).
         regrow: let pruned weights return between updates (no mask kept).
         bake_at_end: remove the mask parametrizations at the end of fit, keeping the zeros.

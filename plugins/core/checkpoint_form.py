@@ -30,14 +30,12 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import lightning as L
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 __all__ = [
     "RAW_KEY",
-    "PlainCheckpoints",
     "CheckpointMismatch",
     "parametrized_tensors",
     "to_plain_form",
@@ -171,7 +169,7 @@ def install_load_hook(model: nn.Module) -> None:
 
 def set_compaction_plan(model: nn.Module, plan: Mapping[str, Mapping[int, torch.Tensor]]) -> None:
     """After compaction: full-width checkpoints load into ``model`` sliced to its kept indices
-    (``plan``: state-dict key -> dim -> kept indices, from :func:`plugins.compaction.compact`)."""
+    (``plan``: state-dict key -> dim -> kept indices, from :func:`plugins.pruning.compaction.compact`)."""
     install_load_hook(model)
     getattr(model, _HOOK_ATTR).plan = {k: dict(v) for k, v in plan.items()}
 
@@ -190,13 +188,3 @@ def restore_raw(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
         if target is not None and tuple(target.shape) == tuple(value.shape):
             target.data.copy_(value)
 
-
-class PlainCheckpoints(L.Callback):
-    """Base of every plugin callback: its checkpoints are in plain form and its resumes restore
-    the raw entries. Subclasses call :func:`install_load_hook` in ``setup``."""
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        to_plain_form(checkpoint, pl_module)
-
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        restore_raw(pl_module, checkpoint)

@@ -1,0 +1,40 @@
+"""The base of every plugin callback: what a run asks of it, and its checkpoints' form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from typing_extensions import override
+
+from plugins.core.checkpoint_form import install_load_hook, restore_raw, to_plain_form
+
+__all__ = ["PluginCallback"]
+
+
+class PluginCallback(L.Callback):
+    """A Lightning callback that parametrizes a user's module: its checkpoints are in plain form
+    (:mod:`plugins.core.checkpoint_form`), its resumes restore the raw entries, and it reports
+    ``summary()`` keys for ``summary.json`` and ``save_plots()`` files. Costs one evaluation of
+    each parametrization per checkpoint save."""
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        install_load_hook(pl_module)
+
+    @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        to_plain_form(checkpoint, pl_module)
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        restore_raw(pl_module, checkpoint)
+
+    def summary(self) -> dict[str, Any]:
+        """Keys for ``summary.json``."""
+        return {}
+
+    def save_plots(self, directory: str | Path) -> list[Path]:
+        """Write this plugin's plots into ``directory``; returns their paths."""
+        return []

@@ -1,0 +1,5 @@
+"""Unstructured sparsity: scheduled hardshrink (threshold or target-sparsity mode, GMP)."""
+
+from plugins.sparsity.hardshrink import HardshrinkSparsifier
+
+__all__ = ["HardshrinkSparsifier"]

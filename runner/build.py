@@ -1,0 +1,86 @@
+"""What ``train.py`` builds from a config: extensions first, then the model, the plugins (in their
+documented order), the loggers and the callbacks."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from plugins.core.errors import ConfigError
+from runner.checkpoints import LastCheckpoint, RandomState, best_checkpoint
+from runner.console import EpochLine
+
+__all__ = ["build_model", "build_plugins", "build_loggers", "build_callbacks", "close_loggers"]
+
+
+def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.LightningModule:
+    """The LightningModule around a backbone whose every norm layer is ``cfg.norm``."""
+    norm = hydra.utils.instantiate(cfg.norm, _convert_="all")
+    # Objects go in through partials: instantiate() would turn them into configs.
+    build_net = hydra.utils.instantiate(cfg.model, _partial_=True, _convert_="all")
+    net = build_net(in_channels=datamodule.in_channels, num_classes=datamodule.num_classes, norm=norm)
+    build_module = hydra.utils.instantiate(cfg.module, _partial_=True)
+    return build_module(net=net, num_classes=datamodule.num_classes)
+
+
+def build_plugins(cfg: DictConfig) -> list[L.Callback]:
+    """Constraints first, then sparsity, then pruning: the documented order on a shared tensor."""
+    plugins = []
+    for group in ("constraints", "sparsity", "pruning"):
+        node = cfg.get(group)
+        if node:
+            plugins.append(hydra.utils.instantiate(node, _convert_="all"))
+    return plugins
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    """Every logger of the ``logger`` group (csv, tensorboard, wandb; ``many`` = all three)."""
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node and "_target_" in node:
+            loggers.append(hydra.utils.instantiate(node, _convert_="all"))
+        elif node:
+            raise ConfigError(f"logger.{name}", OmegaConf.to_container(node), "a logger with _target_")
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig, output_dir: Path, plugins: list[L.Callback]) -> list[L.Callback]:
+    """Plugins first (their epoch-end work is in the checkpoint), then the user's extra callbacks,
+    the random state, and the checkpoints: last.ckpt (resume) and the best epoch (ckpt_path="best")."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    extra = [
+        hydra.utils.instantiate(node, _convert_="all")
+        for node in (cfg.get("callbacks") or {}).values()
+        if node
+    ]
+    checkpoint = cfg.get("checkpoint") or {}
+    callbacks: list[L.Callback] = [
+        *plugins,
+        *extra,
+        RandomState(),
+        best_checkpoint(
+            output_dir / "checkpoints", checkpoint.get("monitor", "val/acc"), checkpoint.get("mode", "max")
+        ),
+        LastCheckpoint(output_dir / "checkpoints", checkpoint.get("every_n_train_steps")),
+    ]
+    if sys.stdout.isatty():
+        callbacks.append(RichProgressBar(leave=True))
+    else:
+        callbacks.append(EpochLine())
+    return callbacks
+
+
+def close_loggers(loggers: list[Any]) -> None:
+    """Flush every logger; W&B's run also ends here so that a sweep's next job starts its own."""
+    for logger in loggers:
+        logger.finalize("success")
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()

@@ -1,0 +1,111 @@
+"""What a finished run writes: ``model.pt``, ``model.pt2``, the plugins' plots and ``summary.json``
+(last, atomically: a folder without it is a run that did not finish)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from plugins.core.errors import ConfigError
+from plugins.core.masks import sparsity
+from plugins.core.selection import DEFAULT_MODULE_TYPES, resolve_module_types
+from runner.run_folder import write_atomically, write_json
+
+__all__ = ["Reports", "weight_sparsity", "export_program", "write_outputs", "optimized_value"]
+
+log = logging.getLogger("train")
+
+
+@runtime_checkable
+class Reports(Protocol):
+    """What ``train.py`` asks of a plugin at the end of a run (every :class:`PluginCallback` does)."""
+
+    def summary(self) -> dict[str, Any]: ...
+
+    def save_plots(self, directory: str | Path) -> list[Path]: ...
+
+
+def weight_sparsity(net: torch.nn.Module) -> dict[str, Any]:
+    """Zeros in the weights of conv and linear layers, per layer and over all of them."""
+    types = resolve_module_types(DEFAULT_MODULE_TYPES)
+    layers = {
+        f"{name}.weight": module.weight
+        for name, module in net.named_modules()
+        if isinstance(module, types)
+    }
+    return {
+        "sparsity/global": sparsity(layers.values()),
+        "sparsity/layers": {name: sparsity([w]) for name, w in layers.items()},
+    }
+
+
+def export_program(net: torch.nn.Module, example: torch.Tensor, path: Path) -> str | None:
+    """Write ``net`` (eval mode, any batch size) as a ``torch.export`` program: it runs with
+    ``torch.export.load(path).module()`` and no code of this project, unlike the pickled
+    ``model.pt``. Returns why it could not be exported (a model ``torch.export`` cannot trace),
+    or ``None``; a failure is a warning, not an error, as ``model.pt`` is already written."""
+    was_training = net.training
+    net.eval()
+    try:
+        batch = torch.export.Dim("batch", min=1)
+        program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
+        write_atomically(path, lambda tmp: torch.export.save(program, tmp))
+        return None
+    except Exception as err:  # noqa: BLE001 - any tracing failure: keep model.pt, say why
+        log.warning("model.pt2 not written: torch.export failed (%s: %s)", type(err).__name__, err)
+        path.unlink(missing_ok=True)  # never leave an older run's program beside this model.pt
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    finally:
+        net.train(was_training)
+
+
+def write_outputs(
+    cfg: DictConfig,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    plugins: list[L.Callback],
+    metrics: dict[str, float],
+    output_dir: Path,
+    started: float,
+) -> dict[str, Any]:
+    """``model.pt`` (on CPU, so it loads without the run's accelerator), ``model.pt2``, the plots
+    and ``summary.json``; returns the summary."""
+    net = module.net
+    summary: dict[str, Any] = {
+        **metrics,
+        "params/total": sum(p.numel() for p in net.parameters()),
+        "params/nonzero": sum(int((p != 0).sum()) for p in net.parameters()),
+        **weight_sparsity(net),
+        "norm": cfg.norm.kind,
+        "seed": cfg.seed,
+        "data": cfg.data.get("name", "digits"),
+        "model": cfg.model._target_.rsplit(".", 1)[-1],
+    }
+    for plugin in plugins:
+        if isinstance(plugin, Reports):
+            plugin.save_plots(output_dir)
+            summary.update(plugin.summary())
+    net.cpu()
+    write_atomically(output_dir / "model.pt", lambda tmp: torch.save(net, tmp))
+    example, _ = next(iter(datamodule.test_dataloader()))
+    summary["export"] = export_program(net, example[:2], output_dir / "model.pt2") or "model.pt2"
+    summary["duration_s"] = time.time() - started
+    write_json(output_dir / "summary.json", summary)
+    log.info("test/acc=%.4f  outputs in %s", summary["test/acc"], output_dir)
+    print(f"test/acc={summary['test/acc']:.4f}  summary: {output_dir / 'summary.json'}", flush=True)
+    return summary
+
+
+def optimized_value(cfg: DictConfig, summary: dict[str, Any]) -> float:
+    """The value a sweeper maximizes or minimizes: ``summary[cfg.optimized_metric]``."""
+    key = cfg.get("optimized_metric") or "test/acc"
+    if key not in summary:
+        numeric = sorted(k for k, v in summary.items() if isinstance(v, (int, float)))
+        raise ConfigError("optimized_metric", key, f"a metric of this run: {', '.join(numeric)}")
+    return float(summary[key])
