@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check plugins models tests benchmarks train.py
+	$(PY) -m ruff check plugins models runner tests benchmarks train.py
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

@@ -23,18 +23,26 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.nn.utils import parametrize
 
 from plugins.core.errors import ConfigError
 from plugins.core.masks import bake
+from plugins.pruning.dependency import (
+    _RUNNING_STATS_NORMS,
+    CONV_LINEAR,
+    CoupledGroup,
+    _groups,
+    coupled_groups,
+    independent_copy,
+    trace,
+)
+from plugins.pruning.kept_indices import index_twin, kept_indices
+from plugins.pruning.measure import batch_of, count, latency
 
 __all__ = [
     "CONV_LINEAR",
@@ -43,158 +51,11 @@ __all__ = [
     "coupled_groups",
     "compact",
     "compact_copy",
-    "kept_indices",
     "independent_copy",
+    "kept_indices",
     "latency",
     "count",
 ]
-
-CONV_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_RUNNING_STATS_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-
-
-@dataclass
-class CoupledGroup:
-    """Output channels that go together: ``producers`` (conv/linear layers), ``norms`` (the
-    channel-wise layers after them) and ``consumers`` (layers taking the channels as input)."""
-
-    size: int
-    producers: list[nn.Module] = field(default_factory=list)
-    norms: list[nn.Module] = field(default_factory=list)
-    consumers: list[nn.Module] = field(default_factory=list)
-    is_output: bool = False
-    identity: bool = True  # every producer and norm uses the root's channel indices as they are
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(inputs)
-
-
-def trace(model: nn.Module, example_inputs: Any, key: str = "compact") -> tp.DependencyGraph:
-    """Build Torch-Pruning's dependency graph of ``model`` in eval mode (no running-stat update).
-
-    Raises:
-        ConfigError: naming ``key`` and the model when the graph cannot be traced.
-    """
-    was_training = model.training
-    model.eval()
-    # In-place activations rewrite the autograd graph of a view (InstanceNorm's output is one), so
-    # the tracer would lose that norm layer: trace with them out of place.
-    inplace = [m for m in model.modules() if getattr(m, "inplace", False) is True]
-    for m in inplace:
-        m.inplace = False
-    try:
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
-    except Exception as err:  # noqa: BLE001 - whatever the tracer trips on, the user must hear it
-        raise ConfigError(
-            key,
-            type(model).__name__,
-            f"a model Torch-Pruning's dependency graph can trace with the example inputs "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
-        ) from None
-    finally:
-        model.train(was_training)
-        for m in inplace:
-            m.inplace = True
-
-
-def _groups(dg: tp.DependencyGraph):
-    """Yield (group, CoupledGroup) for every group rooted at a conv or linear layer."""
-    for group in dg.get_all_groups(root_module_types=CONV_LINEAR):
-        info = CoupledGroup(size=len(group[0].idxs))
-        for item in group:
-            module, handler = item.dep.target.module, item.dep.handler
-            same = list(item.idxs) == list(item.root_idxs)
-            if dg.is_out_channel_pruning_fn(handler):
-                if isinstance(module, CONV_LINEAR):
-                    info.producers.append(module)
-                    info.is_output |= len(dg.module2node[module].outputs) == 0
-                    info.identity &= same
-                elif isinstance(module, _RUNNING_STATS_NORMS) or (
-                    isinstance(module, nn.Module)
-                    and any(True for _ in module.parameters(recurse=False))
-                ):
-                    info.norms.append(module)
-                    info.identity &= same
-            elif isinstance(module, nn.Module) and module not in info.consumers:
-                info.consumers.append(module)
-        yield group, info
-
-
-def coupled_groups(
-    model: nn.Module, example_inputs: Any, key: str = "pruning"
-) -> list[CoupledGroup]:
-    """The dependency groups of ``model`` (its own module objects); used by
-    :class:`~plugins.pruning.structured.StructuredPruning` to mask coupled tensors together.
-
-    Traced on a baked copy, as :func:`compact` traces: a parametrization's own operations
-    (PyTorch's orthogonal maps) would enter the graph, and Torch-Pruning cannot map them.
-    """
-    replica = independent_copy(model)
-    bake(replica)
-    own = dict(model.named_modules())
-    name_of = {m: n for n, m in replica.named_modules()}
-
-    def mine(modules: list[nn.Module]) -> list[nn.Module]:
-        # Torch-Pruning's own operation nodes have no name in the model: kept as they are.
-        return [own.get(name_of.get(m), m) for m in modules]
-
-    groups = []
-    for _, info in _groups(trace(replica, example_inputs, key=key)):
-        info.producers, info.norms = mine(info.producers), mine(info.norms)
-        info.consumers = mine(info.consumers)
-        groups.append(info)
-    return groups
-
-
-def count(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
-    """(MACs, parameters) for one forward pass on ``example_inputs`` (Torch-Pruning's counter)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
-    finally:
-        model.train(was_training)
-    return int(macs), sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def latency(model: nn.Module, inputs: Any, repeats: int = 10, warmup: int = 2) -> list[float]:
-    """Seconds per forward pass, ``repeats`` measurements after ``warmup`` (eval, no grad)."""
-    was_training = model.training
-    model.eval()
-    times = []
-    try:
-        for i in range(warmup + repeats):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            _call(model, inputs)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    finally:
-        model.train(was_training)
-    return times
-
-
-def _batch_of(example_inputs: Any, batch_size: int) -> Any:
-    """Random inputs shaped like ``example_inputs`` with ``batch_size`` rows."""
-    if torch.is_tensor(example_inputs):
-        shape = (batch_size, *example_inputs.shape[1:])
-        if example_inputs.is_floating_point():
-            return torch.randn(shape, dtype=example_inputs.dtype, device=example_inputs.device)
-        return example_inputs[:1].expand(shape).clone()
-    if isinstance(example_inputs, (tuple, list)):
-        return type(example_inputs)(_batch_of(x, batch_size) for x in example_inputs)
-    return example_inputs
 
 
 def _zero_slices(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -270,56 +131,52 @@ def _fix_feature_counts(model: nn.Module) -> None:
             module.num_channels = weight.shape[0]
 
 
-def _as_double(inputs: Any) -> Any:
-    if torch.is_tensor(inputs):
-        return inputs.double() if inputs.is_floating_point() else inputs
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_as_double(x) for x in inputs)
-    if isinstance(inputs, dict):
-        return {k: _as_double(v) for k, v in inputs.items()}
-    return inputs
+def _refuse_untraced(model: nn.Module, dg: tp.DependencyGraph, key: str) -> None:
+    """A conv/linear layer with zeroed channels that the graph does not see cannot be compacted."""
+    for name, module in model.named_modules():
+        if isinstance(module, CONV_LINEAR) and module not in dg.module2node:
+            if _zero_slices(module.weight, 0).any() or _zero_slices(module.weight, 1).any():
+                raise ConfigError(
+                    key, name, "layers called as modules in forward (the dependency graph cannot see it)"
+                )
 
 
-@torch.no_grad()
-def _index_twin(model: nn.Module) -> nn.Module:
-    """A float64 copy of ``model`` whose every floating tensor holds its own flat indices."""
-    twin = copy.deepcopy(model).double()
-    for t in [*twin.parameters(), *twin.buffers()]:
-        if t.is_floating_point():
-            t.copy_(torch.arange(t.numel(), dtype=torch.float64, device=t.device).view_as(t))
-    return twin
+def _widths(dg: tp.DependencyGraph, names: dict[nn.Module, str]) -> dict[str, int]:
+    return {
+        names[m]: getattr(m, "out_channels", getattr(m, "out_features", 0))
+        for m in dg.module2node
+        if isinstance(m, CONV_LINEAR)
+    }
 
 
-def kept_indices(
-    twin: nn.Module, shapes: dict[str, torch.Size], steps: list[tuple[str, list[int]]], example_inputs: Any
-) -> dict[str, dict[int, torch.Tensor]]:
-    """Which indices of the full-width model each compacted tensor kept, per state-dict key and dim.
-
-    ``twin`` is :func:`_index_twin` of the model before compaction, ``shapes`` its state-dict shapes
-    and ``steps`` the ``(root layer, removed indices)`` prunings in the order :func:`compact` made
-    them. Replaying them on the twin moves the index values the way Torch-Pruning moved the weights,
-    for any layer type it handles, so the plan needs no knowledge of what a handler slices.
-    """
-    dg = trace(twin, _as_double(example_inputs))
-    modules = dict(twin.named_modules())
-    for name, removed in steps:
-        layer = modules[name]
-        pruner = dg.get_pruner_of_module(layer)
-        dg.get_pruning_group(layer, pruner.prune_out_channels, removed).prune(record_history=False)
-    plan: dict[str, dict[int, torch.Tensor]] = {}
-    for key, value in twin.state_dict().items():
-        full = shapes.get(key)
-        if full is None or not value.is_floating_point() or tuple(value.shape) == tuple(full):
+def _prune_removable(
+    dg: tp.DependencyGraph, names: dict[nn.Module, str], steps: list[tuple[str, list[int]]]
+) -> set[str]:
+    """Prune every group's removable channels (recorded in ``steps``); returns the inexact norms."""
+    inexact: set[str] = set()
+    # get_all_groups is lazy: each group is computed after the previous one was pruned.
+    for group, info in _groups(dg):
+        removable, by_producers = ([], False) if info.is_output else _removable(group, info, dg)
+        if len(removable) == info.size:
+            removable = removable[1:]  # keep one (all-zero) channel so that the layers stay valid
+        if not removable:
             continue
-        flat, coords = value.detach().long().cpu(), {}
-        for dim in reversed(range(len(full))):
-            coords[dim], flat = flat % full[dim], flat // full[dim]
-        plan[key] = {
-            dim: coords[dim].movedim(dim, 0).reshape(value.shape[dim], -1)[:, 0].clone()
-            for dim in range(len(full))
-            if value.shape[dim] != full[dim]
-        }
-    return plan
+        if by_producers:
+            inexact.update(_inexact_norms(info, removable, names))
+        root = group[0].dep
+        steps.append((names[root.target.module], list(removable)))
+        dg.get_pruning_group(root.target.module, root.handler, removable).prune(record_history=False)
+    return inexact
+
+
+def _side_by_side(dense: nn.Module, small: nn.Module, inputs: Any, repeats: int) -> dict[str, float]:
+    """Median latency of each, alternating so that load from other processes hits both alike."""
+    t_dense, t_compact = [], []
+    for _ in range(repeats):
+        t_dense += latency(dense, inputs, repeats=1, warmup=1)
+        t_compact += latency(small, inputs, repeats=1, warmup=1)
+    dense_s, compact_s = statistics.median(t_dense), statistics.median(t_compact)
+    return {"latency_dense_s": dense_s, "latency_compact_s": compact_s, "speedup": dense_s / compact_s}
 
 
 def compact(
@@ -362,40 +219,11 @@ def compact(
     dg = trace(model, example_inputs, key=key)
     macs_before, params_before = count(model, example_inputs)
     dense = copy.deepcopy(model) if measure else None
-    twin, shapes, steps = _index_twin(model), {k: v.shape for k, v in model.state_dict().items()}, []
+    twin, shapes, steps = index_twin(model), {k: v.shape for k, v in model.state_dict().items()}, []
     names = {m: n for n, m in model.named_modules()}
-    for name, module in model.named_modules():
-        if isinstance(module, CONV_LINEAR) and module not in dg.module2node:
-            if _zero_slices(module.weight, 0).any() or _zero_slices(module.weight, 1).any():
-                raise ConfigError(
-                    key,
-                    name,
-                    "layers called as modules in forward (the dependency graph cannot see it)",
-                )
-    before = {
-        names[m]: getattr(m, "out_channels", getattr(m, "out_features", 0))
-        for m in dg.module2node
-        if isinstance(m, CONV_LINEAR)
-    }
-    inexact: set[str] = set()
-    # get_all_groups is lazy: each group is computed after the previous one was pruned.
-    for group, info in _groups(dg):
-        if info.is_output:
-            continue
-        removable, by_producers = _removable(group, info, dg)
-        if not removable:
-            continue
-        if len(removable) == info.size:
-            removable = removable[1:]  # keep one (all-zero) channel so that the layers stay valid
-            if not removable:
-                continue
-        if by_producers:
-            inexact.update(_inexact_norms(info, removable, names))
-        root = group[0].dep
-        steps.append((names[root.target.module], list(removable)))
-        dg.get_pruning_group(root.target.module, root.handler, removable).prune(
-            record_history=False
-        )
+    _refuse_untraced(model, dg, key)
+    before = _widths(dg, names)
+    inexact = _prune_removable(dg, names, steps)
     _fix_feature_counts(model)
     if inexact:
         warnings.warn(
@@ -405,11 +233,7 @@ def compact(
             stacklevel=2,
         )
     macs_after, params_after = count(model, example_inputs)
-    after = {
-        names[m]: getattr(m, "out_channels", getattr(m, "out_features", 0))
-        for m in dg.module2node
-        if isinstance(m, CONV_LINEAR)
-    }
+    after = _widths(dg, names)
     report: dict[str, Any] = {
         "params_before": params_before,
         "params_after": params_after,
@@ -420,33 +244,9 @@ def compact(
         "kept_indices": kept_indices(twin, shapes, steps, example_inputs),
     }
     if measure:
-        inputs = _batch_of(example_inputs, batch_size)
-        t_dense, t_compact = [], []
-        for _ in range(repeats):  # alternate so that load from other processes hits both alike
-            t_dense += latency(dense, inputs, repeats=1, warmup=1)
-            t_compact += latency(model, inputs, repeats=1, warmup=1)
-        report["latency_dense_s"] = statistics.median(t_dense)
-        report["latency_compact_s"] = statistics.median(t_compact)
-        report["speedup"] = report["latency_dense_s"] / report["latency_compact_s"]
+        report.update(_side_by_side(dense, model, batch_of(example_inputs, batch_size), repeats))
     model.train(was_training)
     return model, report
-
-
-def independent_copy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that is safe for parametrized models.
-
-    A parametrized module's class is generated per module and holds the ``weight`` property; a
-    plain deep copy shares that class, so removing a parametrization from the copy (baking it)
-    deletes the property from the original too. Each parametrized module of the copy gets a class
-    of its own here.
-    """
-    replica = copy.deepcopy(model)
-    for module in replica.modules():
-        if parametrize.is_parametrized(module):
-            cls = module.__class__
-            body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-            module.__class__ = type(cls.__name__, cls.__bases__, body)
-    return replica
 
 
 def compact_copy(

@@ -1,17 +1,15 @@
 """Structured pruning on a schedule: whole slices (channels) of conv and linear weights.
 
-``method="random"`` follows ``torch.nn.utils.prune.RandomStructured`` (new slices are drawn
-uniformly among those not pruned yet), ``"l1"``/``"l2"`` follow ``LnStructured`` (the slices with
-the smallest L1/L2 norm along ``dim`` go). The scheduled value is the fraction of slices pruned
-(a float in [0, 1]) or, when ``schedule.end`` is an integer, their count. Pruning only grows: a
-pruned slice stays pruned when the schedule goes down.
+``method`` names a criterion (:mod:`plugins.pruning.criteria`: random, l1, l2). The scheduled value
+is the fraction of slices pruned (a float in [0, 1]) or, when ``schedule.end`` is an integer, their
+count. Pruning only grows: a pruned slice stays pruned when the schedule goes down.
 
 Coupling (``dim=0``): masking a conv's output channel leaves the norm after it emitting a constant
 (``beta - mean * gamma / std``), so the masked model would differ from its compacted twin. With
 ``dim=0`` the callback therefore prunes per dependency group, as Torch-Pruning does: the group of
-a layer (from :func:`plugins.pruning.compaction.coupled_groups`) holds the layers whose outputs are added
-to it (residual shortcuts) and the norm layers after them; all of them share one channel mask, and
-the layers' biases and the norms' scale and shift are masked too. The group's score for ``l1``/
+a layer (:func:`plugins.pruning.dependency.coupled_groups`) holds the layers whose outputs are
+added to it (residual shortcuts) and the norm layers after them; all of them share one channel
+mask, and the layers' biases and the norms' scale and shift are masked too. The group's score for ``l1``/
 ``l2`` is the norm of the slices of all its layers together. A group must be selected whole (all
 its conv/linear layers, or none); the model's output layer cannot lose output channels.
 
@@ -23,41 +21,42 @@ every resumed run draws the same channels.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
 from torch.nn.utils import parametrize
 
-from plugins.constraints import WeightConstraints
 from plugins.core.checkpoint_form import set_compaction_plan
 from plugins.core.errors import ConfigError, is_number
-from plugins.core.masks import ensure_mask, get_mask, prune_in_place, set_mask
+from plugins.core.masks import ensure_mask, get_mask, set_mask
 from plugins.core.scheduled_masking import ScheduledMasking
 from plugins.core.schedules import Schedule
 from plugins.core.selection import DEFAULT_MODULE_TYPES, Target
-from plugins.pruning.compaction import CONV_LINEAR, compact, coupled_groups
+from plugins.pruning.compaction import compact
 from plugins.pruning.criteria import CRITERIA, select_slices
+from plugins.pruning.units import (
+    Unit,
+    build_units,
+    check_amounts,
+    example_inputs,
+    kept_slices,
+    refuse_unbaked_constraints,
+    settle,
+    slices_to_prune,
+)
 
 __all__ = ["StructuredPruning", "slices_to_prune", "select_slices"]
 
 
-def slices_to_prune(value: float, n: int, count_mode: bool) -> int:
-    """How many of ``n`` slices a scheduled ``value`` prunes (torch.prune's rounding)."""
-    return int(round(value)) if count_mode else int(round(value * n))
-
-
-@dataclass
-class _Unit:
-    """Slices pruned together: the selected weights sharing one keep vector, plus coupled
-    tensors (biases, norm scale and shift) that follow it."""
-
-    name: str
-    size: int
-    members: list[Target]
-    extras: list[tuple[str, nn.Module, str]] = field(default_factory=list)
+def _check_schedule_values(schedule: Schedule, count_mode: bool, key: str, amount_given: bool) -> None:
+    """The schedule's values are fractions in [0, 1], or whole counts when ``end`` is an integer."""
+    for name, v in (("start", schedule.start), ("end", schedule.end)):
+        bad = (v < 0 or v != int(v)) if count_mode else not 0.0 <= v <= 1.0
+        if bad:
+            allowed = "a whole count >= 0" if count_mode else "a fraction in [0, 1] (or an integer count)"
+            where = f"{key}.amount" if amount_given else f"{key}.schedule.{name}"
+            raise ConfigError(where, v, allowed)
 
 
 class StructuredPruning(ScheduledMasking):
@@ -118,22 +117,8 @@ class StructuredPruning(ScheduledMasking):
             bake_at_end=bake_at_end,
             key=key,
         )
-        s = self.schedule
-        self.count_mode = isinstance(s.end, int)
-        where = f"{key}.amount" if amount is not None else f"{key}.schedule.end"
-        for name, v in (("start", s.start), ("end", s.end)):
-            bad = (v < 0 or v != int(v)) if self.count_mode else not 0.0 <= v <= 1.0
-            if bad:
-                allowed = (
-                    "a whole count >= 0"
-                    if self.count_mode
-                    else "a fraction in [0, 1] (or an integer count)"
-                )
-                raise ConfigError(
-                    where if name == "end" or amount is not None else f"{key}.schedule.{name}",
-                    v,
-                    allowed,
-                )
+        self.count_mode = isinstance(self.schedule.end, int)
+        _check_schedule_values(self.schedule, self.count_mode, key, amount_given=amount is not None)
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise ConfigError(f"{key}.dim", dim, "an integer dimension (0 = output channels)")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
@@ -154,7 +139,7 @@ class StructuredPruning(ScheduledMasking):
         self.couple = couple
         self.compact = compact
         self.example_input_shape = list(example_input_shape) if example_input_shape else None
-        self.units: list[_Unit] = []
+        self.units: list[Unit] = []
         self.compaction: dict[str, Any] | None = None
         self._example: Any = None
 
@@ -193,53 +178,8 @@ class StructuredPruning(ScheduledMasking):
                 f"{aliases[other]} of {other}): give it as a positive dim",
             )
 
-    def _keep_of(self, unit: _Unit) -> torch.Tensor:
-        """The slices of ``unit`` kept (bool, one per slice along ``dim``).
-
-        While the tensors carry their mask, the mask says; it may be the full tensor's (shared
-        with hardshrink): a slice is kept while any of its entries is. Once the mask is gone
-        (baked by this callback, or with the constraint on the same tensor by WeightConstraints,
-        whose bake removes every parametrization of the tensor; or by compaction), the weights
-        say: see :meth:`_nonzero_slices` (after compaction, fewer than ``unit.size`` slices).
-        """
-        mask = get_mask(unit.members[0].module, unit.members[0].tensor_name)
-        if mask is None:
-            return self._nonzero_slices(unit)
-        m = mask.mask.detach()
-        return (m.movedim(self.dim % m.dim(), 0).reshape(unit.size, -1) != 0).any(dim=1).cpu()
-
-    @torch.no_grad()
-    def _nonzero_slices(self, unit: _Unit) -> torch.Tensor:
-        """Slices along ``dim`` where some member, as the module computes with it (constraints,
-        then the mask), has a nonzero entry: what the final weights (``model.pt``) hold."""
-        keep = None
-        for member in unit.members:
-            w = member.tensor.detach()
-            d = self.dim % w.dim()
-            nonzero = (w.movedim(d, 0).reshape(w.shape[d], -1) != 0).any(dim=1).cpu()
-            keep = nonzero if keep is None else keep | nonzero
-        return keep
-
-    def _settle(self, optimizers: list[torch.optim.Optimizer] = ()) -> None:
-        """At the end of fit: a slice whose weights are all zero in every member counts as pruned,
-        whatever zeroed it (this mask, hardshrink's, or a constraint before it: a learned mask's
-        rounded gates, a clamp). Its mask, bias and norm follow, so that ``channels``, the baked
-        weights and the compact model agree (compaction removes exactly these slices)."""
-        for unit in self.units:
-            keep = self._keep_of(unit) & self._nonzero_slices(unit)
-            for member in unit.members:
-                if get_mask(member.module, member.tensor_name) is not None:
-                    device = member.raw.device
-                    shape = self.mask_shape(member)
-                    set_mask(
-                        member.module, member.tensor_name, keep.view(shape).to(device), optimizers
-                    )
-            for _, module, tensor_name in unit.extras:
-                device = getattr(module, tensor_name).device
-                if get_mask(module, tensor_name) is not None:
-                    set_mask(module, tensor_name, keep.to(device), optimizers)
-                elif not parametrize.is_parametrized(module, tensor_name):
-                    prune_in_place(module, tensor_name, keep.to(device), optimizers)
+    def _keep_of(self, unit: Unit) -> torch.Tensor:
+        return kept_slices(unit, self.dim)
 
     def compute_keep(self, value: float) -> dict[str, torch.Tensor]:
         update = len(self.history)  # in the checkpoint: the same on every rank and after resume
@@ -286,143 +226,16 @@ class StructuredPruning(ScheduledMasking):
         if self.seed is None:
             self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         if self.compact:
-            self._check_parametrizations_may_go(trainer)
+            refuse_unbaked_constraints(trainer, self.key)
         super().setup(trainer, pl_module, stage)
         if self.compact or (self.couple and self.dim == 0):
-            self._example = self._example_inputs(trainer, pl_module)
-        self.units = self._build_units(pl_module)
-        self._check_amounts()
+            self._example = example_inputs(trainer, pl_module, self.example_input_shape, self.key)
+        self.units = build_units(pl_module, self.targets, self.dim, self.couple, self._example, self.key, self.exclude)
+        check_amounts(self.units, self.schedule, self.count_mode, self.dim, self.key)
         for unit in self.units:
             for _, module, tensor_name in unit.extras:
                 ensure_mask(module, tensor_name)
         self._sync_extras()
-
-    def _check_parametrizations_may_go(self, trainer: L.Trainer) -> None:
-        """Compaction bakes every parametrization of the model: refuse it next to constraints
-        told to stay parametrizations after fit (their summary and state would describe tensors
-        that are gone)."""
-        for callback in trainer.callbacks:
-            if isinstance(callback, WeightConstraints) and not callback.bake_at_end:
-                raise ConfigError(
-                    f"{self.key}.compact",
-                    True,
-                    f"false while {callback.key}.bake_at_end=false keeps the constraints as "
-                    f"parametrizations (compaction bakes them; set {callback.key}.bake_at_end=true "
-                    "to compact)",
-                )
-
-    def _build_units(self, pl_module: nn.Module) -> list[_Unit]:
-        if not (self.couple and self.dim == 0):
-            return [_Unit(t.name, t.raw.shape[self.dim], [t]) for t in self.targets]
-        by_module = {}
-        for t in self.targets:
-            if t.tensor_name != "weight" or not isinstance(t.module, CONV_LINEAR):
-                raise ConfigError(
-                    f"{self.key}.targets",
-                    t.name,
-                    "Conv/Linear weights when dim=0 and couple=true (biases, norms follow)",
-                )
-            by_module[t.module] = t
-        names = {m: n for n, m in pl_module.named_modules()}
-        units, seen = [], set()
-        for group in coupled_groups(
-            pl_module, self._example, key=f"{self.key}.example_input_shape"
-        ):
-            chosen = [by_module[m] for m in group.producers if m in by_module]
-            if not chosen:
-                continue
-            first = chosen[0].name
-            if group.is_output:
-                raise ConfigError(
-                    f"{self.key}.exclude",
-                    self.exclude,
-                    f"a list that leaves out the model's output layer ({first}): "
-                    "its output channels are the outputs",
-                )
-            missing = [names[m] for m in group.producers if m not in by_module]
-            if missing:
-                raise ConfigError(
-                    f"{self.key}.targets",
-                    missing[0],
-                    f"selected together with {first}: their output channels are added "
-                    "(residual) and "
-                    "are pruned as one group; select all of the group or none",
-                )
-            if not group.identity:
-                raise ConfigError(
-                    f"{self.key}.targets",
-                    first,
-                    "layers whose channels map one to one in their group (no concatenation)",
-                )
-            extras = []
-            for m in group.producers:
-                if m.bias is not None:
-                    extras.append((f"{names[m]}.bias", m, "bias"))
-            for m in group.norms:
-                for tensor_name in ("weight", "bias"):
-                    p = getattr(m, tensor_name, None)
-                    if isinstance(p, torch.Tensor) and p.dim() == 1 and p.shape[0] == group.size:
-                        extras.append((f"{names[m]}.{tensor_name}", m, tensor_name))
-            units.append(_Unit(first, group.size, chosen, extras))
-            seen.update(t.module for t in chosen)
-        untraced = [t.name for t in self.targets if t.module not in seen]
-        if untraced:
-            raise ConfigError(
-                f"{self.key}.targets",
-                untraced[0],
-                "layers the dependency graph traces (called as modules in forward)",
-            )
-        return units
-
-    def _check_amounts(self) -> None:
-        peak = max(self.schedule.start, self.schedule.end)
-        key = f"{self.key}.schedule.end"
-        for unit in self.units:
-            prune = slices_to_prune(peak, unit.size, self.count_mode)
-            if prune > unit.size:
-                raise ConfigError(
-                    key,
-                    peak,
-                    f"a count <= the {unit.size} slices of {unit.name} along dim {self.dim}",
-                )
-            if prune >= unit.size:
-                raise ConfigError(
-                    key,
-                    peak,
-                    f"an amount that leaves at least one of the {unit.size} slices of {unit.name} "
-                    f"along dim {self.dim} (pruning all of them removes the layer)",
-                )
-
-    def _example_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
-        device = next(pl_module.parameters()).device
-        if self.example_input_shape:
-            return torch.randn(self.example_input_shape, device=device)
-        if pl_module.example_input_array is not None:
-            return pl_module.example_input_array
-        datamodule = getattr(trainer, "datamodule", None)
-        sources = [
-            # What fit() was given (dataloaders, a datamodule or the module's own hook).
-            lambda: trainer.fit_loop._data_source.dataloader(),
-            *(
-                getattr(datamodule, n)
-                for n in ("train_dataloader", "val_dataloader", "test_dataloader")
-                if datamodule is not None
-            ),
-        ]
-        for source in sources:
-            try:
-                batch = next(iter(source()))
-            except Exception:  # noqa: BLE001 - try the next source
-                continue
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if torch.is_tensor(x):
-                return x[:2].to(device)
-        raise ConfigError(
-            f"{self.key}.example_input_shape",
-            None,
-            "the input shape to trace the model with (e.g. [2, 1, 8, 8]): the module has no "
-            "example_input_array and no datamodule batch could be read",
-        )
 
     # --- hooks ------------------------------------------------------------------------------------
 
@@ -434,7 +247,8 @@ class StructuredPruning(ScheduledMasking):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Constraints on the same tensors are final by now (WeightConstraints comes first).
-        self._settle(trainer.optimizers)
+        for unit in self.units:
+            settle(unit, self.dim, trainer.optimizers)
         super().on_fit_end(trainer, pl_module)
         if self.bake_at_end:
             for unit in self.units:
