@@ -31,12 +31,11 @@ from plugins.core.masks import sparsity
 from plugins.core.scheduled_masking import ScheduledMasking
 from plugins.core.schedules import Schedule, build_schedule
 from plugins.core.selection import DEFAULT_MODULE_TYPES, Target
-from plugins.sparsity.thresholds import threshold_for_sparsity
+from plugins.sparsity.allocations import ALLOCATIONS
 
-__all__ = ["HardshrinkSparsifier", "MODES", "SCOPES", "hardshrink_keep"]
+__all__ = ["HardshrinkSparsifier", "MODES", "hardshrink_keep"]
 
 MODES = ("threshold", "sparsity")
-SCOPES = ("layer", "global")
 _TARGET_KEYS = ("include", "exclude", "module_types")
 
 
@@ -53,10 +52,8 @@ def hardshrink_keep(
     tensors = {t.name: t.tensor.detach() for t in targets}
     if mode == "threshold":
         lambdas = dict.fromkeys(tensors, float(value))
-    elif scope == "global":
-        lambdas = dict.fromkeys(tensors, threshold_for_sparsity(list(tensors.values()), value))
     else:
-        lambdas = {name: threshold_for_sparsity([w], value) for name, w in tensors.items()}
+        lambdas = ALLOCATIONS.get(scope, "sparsity.scope")().lambdas(tensors, value)
     keep = {name: w.abs() > lambdas[name] for name, w in tensors.items()}
     return keep, lambdas
 
@@ -81,7 +78,8 @@ class HardshrinkSparsifier(ScheduledMasking):
             begin_epoch, end_epoch, every_n_steps, steps). Lambda (>= 0) in threshold mode, the
             fraction of zeros (in [0, 1)) in sparsity mode.
         mode: ``"threshold"`` or ``"sparsity"``.
-        scope: ``"layer"`` or ``"global"``; how lambda is derived in sparsity mode.
+        scope: a registered allocation (:mod:`plugins.sparsity.allocations`: ``layer``, ``global``);
+            how the target splits into lambdas in sparsity mode.
         targets: ``{include, exclude, module_types}`` for
             :func:`~plugins.core.selection.select_parameters`; default: the weights of
             Conv1d/2d/3d and Linear layers (no biases, no norm parameters).
@@ -106,8 +104,7 @@ class HardshrinkSparsifier(ScheduledMasking):
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"{key}.mode", mode, f"one of {', '.join(MODES)}")
-        if scope not in SCOPES:
-            raise ConfigError(f"{key}.scope", scope, f"one of {', '.join(SCOPES)}")
+        ALLOCATIONS.get(scope, f"{key}.scope")
         if not isinstance(regrow, bool):
             raise ConfigError(f"{key}.regrow", regrow, "true or false")
         if not isinstance(bake_at_end, bool):
