@@ -103,6 +103,8 @@ class ScheduledMasking(PluginCallback):
         if self.persistent:
             for target in self.targets:
                 ensure_mask(target.module, target.tensor_name, self.mask_shape(target))
+        else:
+            _refuse_regrow_under_constraints(self.targets, f"{self.key}.regrow")
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -168,3 +170,16 @@ class ScheduledMasking(PluginCallback):
             f"{self.key}/target": reached.get("value"),
             f"{self.key}/selected": sparsity(t.tensor for t in self.targets),
         }
+
+
+def _refuse_regrow_under_constraints(targets: list[Target], key: str) -> None:
+    """Without a mask the zeros are written into the stored tensor, and a constraint's output need
+    not keep them (softplus maps 0 to log 2): the run would never be sparse while training."""
+    for target in targets:
+        if parametrize.is_parametrized(target.module, target.tensor_name):
+            raise ConfigError(
+                key,
+                True,
+                f"false on {target.name}: a constraint is on it and, without a mask, its output does not "
+                "keep the zeros (or exclude the tensor from one of the two selections)",
+            )
