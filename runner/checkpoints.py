@@ -17,6 +17,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
 
 from plugins.core.errors import ConfigError
 
@@ -64,6 +65,7 @@ class LastCheckpoint(L.Callback):
     def _save(self, trainer: L.Trainer) -> None:
         trainer.save_checkpoint(self.path)
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         def stop_after_batch(signum: int, frame: Any) -> None:
             signal.signal(signal.SIGINT, self._previous_sigint)  # a second Ctrl-C: at once
@@ -73,19 +75,23 @@ class LastCheckpoint(L.Callback):
         if _main_thread():
             self._previous_sigint = signal.signal(signal.SIGINT, stop_after_batch)
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         n = self.every_n_train_steps
         if n and trainer.global_step % n == 0 and not trainer.received_sigterm:
             self._save(trainer)
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer)
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             self.stopped_by = self.stopped_by or "SIGTERM"
             self._save(trainer)
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous_sigint is not None and _main_thread():
             signal.signal(signal.SIGINT, self._previous_sigint)
@@ -144,12 +150,14 @@ class RandomState(L.Callback):
     def __init__(self) -> None:
         self._again: dict[str, Any] | None = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         state = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restore(state_dict)
         self._again = state_dict

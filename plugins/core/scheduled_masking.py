@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch.nn.utils import parametrize
+from typing_extensions import override
 
 from plugins.core.errors import ConfigError
 from plugins.core.masks import ensure_mask, prune_in_place, set_mask, sparsity
@@ -88,6 +89,7 @@ class ScheduledMasking(PluginCallback):
     def state_key(self) -> str:
         return self._generate_state_key(key=self.key, include=self.include, exclude=self.exclude)
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.targets:
@@ -121,6 +123,7 @@ class ScheduledMasking(PluginCallback):
         self.last_step = step
         self.history.append({"step": step, "epoch": epoch, "value": value, **self.reached()})
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.history:
             return
@@ -129,6 +132,7 @@ class ScheduledMasking(PluginCallback):
         metrics.update({f"{self.key}/layer/{n}": v for n, v in self._layer_sparsity.items()})
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.bake_at_end:
             for target in self.targets:
@@ -137,9 +141,11 @@ class ScheduledMasking(PluginCallback):
                         target.module, target.tensor_name, leave_parametrized=True
                     )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self.last_step, "history": list(self.history)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = int(state_dict["last_step"])
         self.history = list(state_dict["history"])

@@ -26,6 +26,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch.nn.utils import parametrize
+from typing_extensions import override
 
 from plugins.core.checkpoint_form import set_compaction_plan
 from plugins.core.errors import ConfigError, is_number
@@ -39,6 +40,7 @@ from plugins.pruning.units import (
     Unit,
     build_units,
     check_amounts,
+    check_schedule_values,
     example_inputs,
     kept_slices,
     refuse_unbaked_constraints,
@@ -47,16 +49,6 @@ from plugins.pruning.units import (
 )
 
 __all__ = ["StructuredPruning", "slices_to_prune", "select_slices"]
-
-
-def _check_schedule_values(schedule: Schedule, count_mode: bool, key: str, amount_given: bool) -> None:
-    """The schedule's values are fractions in [0, 1], or whole counts when ``end`` is an integer."""
-    for name, v in (("start", schedule.start), ("end", schedule.end)):
-        bad = (v < 0 or v != int(v)) if count_mode else not 0.0 <= v <= 1.0
-        if bad:
-            allowed = "a whole count >= 0" if count_mode else "a fraction in [0, 1] (or an integer count)"
-            where = f"{key}.amount" if amount_given else f"{key}.schedule.{name}"
-            raise ConfigError(where, v, allowed)
 
 
 class StructuredPruning(ScheduledMasking):
@@ -118,7 +110,7 @@ class StructuredPruning(ScheduledMasking):
             key=key,
         )
         self.count_mode = isinstance(self.schedule.end, int)
-        _check_schedule_values(self.schedule, self.count_mode, key, amount_given=amount is not None)
+        check_schedule_values(self.schedule, self.count_mode, key, amount_given=amount is not None)
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise ConfigError(f"{key}.dim", dim, "an integer dimension (0 = output channels)")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
@@ -220,6 +212,7 @@ class StructuredPruning(ScheduledMasking):
 
     # --- set-up: units, coupling, bad input -------------------------------------------------------
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.targets:
             return
@@ -239,12 +232,14 @@ class StructuredPruning(ScheduledMasking):
 
     # --- hooks ------------------------------------------------------------------------------------
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         if self.history:
             kept = {f"{self.key}/kept/{u.name}": float(self._keep_of(u).sum()) for u in self.units}
             pl_module.log_dict(kept, on_step=False, on_epoch=True, sync_dist=False)
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Constraints on the same tensors are final by now (WeightConstraints comes first).
         for unit in self.units:
@@ -277,11 +272,13 @@ class StructuredPruning(ScheduledMasking):
                 out[member.name] = f"{int(keep.sum())}/{unit.size}"
         return out
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["seed"] = self.seed
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("seed") is not None:
             self.seed = int(state_dict["seed"])

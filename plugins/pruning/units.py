@@ -20,6 +20,7 @@ from plugins.pruning.dependency import CONV_LINEAR, CoupledGroup, coupled_groups
 __all__ = [
     "Unit",
     "build_units",
+    "check_schedule_values",
     "check_amounts",
     "example_inputs",
     "kept_slices",
@@ -249,3 +250,13 @@ def refuse_unbaked_constraints(trainer: L.Trainer, key: str) -> None:
                 f"false while {callback.key}.bake_at_end=false keeps the constraints as "
                 f"parametrizations (compaction bakes them; set {callback.key}.bake_at_end=true to compact)",
             )
+
+
+def check_schedule_values(schedule: Schedule, count_mode: bool, key: str, amount_given: bool) -> None:
+    """The schedule's values are fractions in [0, 1], or whole counts when ``end`` is an integer."""
+    for name, v in (("start", schedule.start), ("end", schedule.end)):
+        bad = (v < 0 or v != int(v)) if count_mode else not 0.0 <= v <= 1.0
+        if bad:
+            allowed = "a whole count >= 0" if count_mode else "a fraction in [0, 1] (or an integer count)"
+            where = f"{key}.amount" if amount_given else f"{key}.schedule.{name}"
+            raise ConfigError(where, v, allowed)
