@@ -1,4 +1,5 @@
-"""Shared fixtures: compose the real config and shrink it; run train.py in a subprocess."""
+"""Shared fixtures: compose the real config and shrink it; run train.py, or a test's own script, in
+a subprocess."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -69,6 +69,13 @@ def run_train_cli(args: list[str], cwd: Path = ROOT, timeout: float = 600, env: 
     )
 
 
-@pytest.fixture
-def fast() -> list[str]:
-    return list(FAST)
+def run_script(source: str, folder: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Write ``source`` to ``folder/script.py`` and run ``python script.py FOLDER`` from the project
+    root with the project importable: a test's own program (the processes of a DDP run), which
+    reads ``sys.argv[1]`` to know where to write its results."""
+    script = folder / "script.py"
+    script.write_text(source)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(script), str(folder)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,8 +1,16 @@
-"""Callbacks that tests inject through ``+callbacks.NAME={_target_: tests.helpers....}``."""
+"""What several test files share: the tiny LightningModule :class:`Tiny`, and callbacks that tests
+inject through ``+callbacks.NAME={_target_: tests.helpers....}``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from itertools import pairwise
+
 import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 
 class CrashAtStep(L.Callback):
@@ -16,37 +24,52 @@ class CrashAtStep(L.Callback):
             raise RuntimeError(f"killed at step {self.step}")
 
 
-class TinyClassifier(L.LightningModule):
-    """A three-layer MLP on 64 fixed random samples: the smallest real LightningModule, for tests
-    that spawn processes (DDP) and need seconds, not minutes."""
+def mlp(*widths: int) -> nn.Sequential:
+    """Linear layers of these widths with a ReLU between each two: ``mlp(8, 32, 3)`` is
+    ``Linear(8, 32), ReLU, Linear(32, 3)`` (weights at ``net.0``, ``net.2``, ...)."""
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in pairwise(widths):
+        if layers:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(fan_in, fan_out))
+    return nn.Sequential(*layers)
 
-    def __init__(self) -> None:
+
+def sgd(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The default optimizer of :class:`Tiny`: SGD with momentum and a little weight decay."""
+    return torch.optim.SGD(parameters, lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+class Tiny(L.LightningModule):
+    """The smallest real LightningModule: ``net`` (default ``mlp(8, 32, 3)``) trained with
+    cross-entropy by ``optimizer`` (a function of the parameters; default :func:`sgd`) on 64 fixed
+    random samples of 8 features and 3 classes, 8 per batch, in a fixed order (deterministic).
+    Tests with other inputs pass their own loader to ``fit``. Seconds, not minutes, also in the
+    processes a DDP test spawns."""
+
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] = sgd,
+    ) -> None:
         super().__init__()
-        from torch import nn
+        self.net = mlp(8, 32, 3) if net is None else net
+        self.optimizer = optimizer
 
-        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
-
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
-        import torch.nn.functional as F
-
         x, y = batch
         return F.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
-        import torch
-
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        return self.optimizer(self.parameters())
 
     def train_dataloader(self):
-        import torch
-        from torch.utils.data import DataLoader, TensorDataset
-
         g = torch.Generator().manual_seed(0)
         x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
-        return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+        return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
 
 
 class StepLog(L.Callback):

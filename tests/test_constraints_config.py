@@ -3,6 +3,7 @@ input is one ConfigError before training; constraints and masks on one tensor.""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -13,9 +14,10 @@ from torch.nn.utils import parametrize
 
 from plugins import HardshrinkSparsifier, WeightConstraints, register_constraint
 from plugins.constraints import Constraint, ConstraintError, registered
-from plugins.errors import ConfigError
-from plugins.masks import ensure_mask, get_mask
+from plugins.core.errors import ConfigError
+from plugins.core.masks import ensure_mask, get_mask
 from tests.conftest import FAST, compose_config, run_train_cli, run_train_inprocess
+from tests.helpers import Tiny, mlp
 
 
 @register_constraint("test_row_sum_one")
@@ -58,7 +60,7 @@ def test_registry_refuses_a_taken_name_and_keeps_the_same_class():
 
     with pytest.raises(ConfigError, match="pass replace=True"):
         register_constraint("orthogonal", Other)
-    with pytest.raises(ConfigError, match="an nn.Module subclass"):
+    with pytest.raises(ConfigError, match="a subclass of nn.Module"):
         register_constraint("test_not_a_module", int)
 
 
@@ -165,20 +167,6 @@ def test_callback_order_in_a_trainer_puts_the_mask_last():
     first, mask last; both hold at the end."""
     import lightning as L
 
-    from tests.conftest import compose_config  # noqa: F401 - the real config is not needed here
-
-    class Tiny(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-
-        def training_step(self, batch, _):
-            x, y = batch
-            return nn.functional.cross_entropy(self.net(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1e-2)
-
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randint(0, 2, (64,)))
     constraints = WeightConstraints([{"name": "non_negative", "include": ["net.0.weight"], "args": {"method": "clamp"}}])
@@ -187,7 +175,7 @@ def test_callback_order_in_a_trainer_puts_the_mask_last():
         mode="sparsity",
         targets={"include": ["net.0.weight"]},
     )
-    model = Tiny()
+    model = Tiny(mlp(8, 16, 2), optimizer=partial(torch.optim.Adam, lr=1e-2))
     trainer = L.Trainer(max_epochs=2, callbacks=[constraints, sparsifier], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     seen = {}

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import FAST, ROOT, run_train_cli
+from tests.conftest import FAST, run_script, run_train_cli
 
 pytestmark = pytest.mark.ddp
 
@@ -38,13 +35,10 @@ RANDOM_STRUCTURED = textwrap.dedent(
     """
     import sys
     import lightning as L
-    from tests.helpers import TinyClassifier as Tiny
+    from tests.helpers import Tiny, mlp
     import torch
-    import torch.nn.functional as F
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
     from plugins import HardshrinkSparsifier, StructuredPruning
-    from plugins.masks import Mask
+    from plugins.core.masks import Mask
 
     class Dump(L.Callback):
         def on_train_end(self, trainer, pl_module):
@@ -61,19 +55,14 @@ RANDOM_STRUCTURED = textwrap.dedent(
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=callbacks)
-    trainer.fit(Tiny())
+    trainer.fit(Tiny(mlp(8, 32, 32, 3)))
     """
 )
 
 
 @pytest.mark.slow
 def test_random_structured_and_hardshrink_masks_identical_on_both_ranks(tmp_path: Path):
-    script = tmp_path / "ddp_random.py"
-    script.write_text(RANDOM_STRUCTURED)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+    result = run_script(RANDOM_STRUCTURED, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0.keys() == rank1.keys() and len(rank0) >= 3
@@ -89,7 +78,7 @@ CONSTRAINED = textwrap.dedent(
     import sys
     import lightning as L
     import torch
-    from tests.helpers import TinyClassifier as Tiny
+    from tests.helpers import Tiny, mlp
     from plugins import WeightConstraints
     from plugins.constraints import orthogonal_violation
 
@@ -107,7 +96,7 @@ CONSTRAINED = textwrap.dedent(
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[constraints, Dump()])
-    trainer.fit(Tiny())
+    trainer.fit(Tiny(mlp(8, 32, 32, 3)))
     """
 )
 
@@ -115,12 +104,7 @@ CONSTRAINED = textwrap.dedent(
 @pytest.mark.slow
 def test_constrained_weights_identical_on_both_ranks(tmp_path: Path):
     """Projections after each step and learned gates stay in lockstep across DDP ranks."""
-    script = tmp_path / "ddp_constrained.py"
-    script.write_text(CONSTRAINED)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+    result = run_script(CONSTRAINED, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0.keys() == rank1.keys()

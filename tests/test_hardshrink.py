@@ -4,6 +4,7 @@ exact resume, refusal of bad input, and the run outputs through train.py."""
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -12,36 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils.data import DataLoader, TensorDataset
 
-from plugins.errors import ConfigError
-from plugins.hardshrink import HardshrinkSparsifier
-from plugins.masks import get_mask
-from plugins.thresholds import kth_smallest_abs, threshold_for_sparsity
+from plugins.core.errors import ConfigError
+from plugins.core.masks import get_mask
+from plugins.sparsity.hardshrink import HardshrinkSparsifier
+from plugins.sparsity.thresholds import kth_smallest_abs, threshold_for_sparsity
 from tests.conftest import FAST, run_train_inprocess
+from tests.helpers import Tiny, sgd
 
-
-class Tiny(L.LightningModule):
-    """Two linear layers on 64 fixed random samples; no dropout, no shuffling: deterministic."""
-
-    def __init__(self, optimizer: str = "sgd") -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
-        self.optimizer = optimizer
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        if self.optimizer == "adamw":
-            return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
-        return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+OPTIMIZERS = {"sgd": sgd, "adamw": partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1)}
 
 
 def trainer(tmp_path: Path, epochs: int, callbacks: list, **kwargs) -> L.Trainer:
@@ -197,7 +177,7 @@ def test_masked_weights_stay_exactly_zero_long_after_the_last_update(tmp_path, o
     # One update at the start, then 10 epochs x 8 steps of SGD(momentum=0.9) or AdamW.
     cb = gmp(schedule={"kind": "constant", "end": 0.7, "begin_epoch": 0, "end_epoch": 0})
     watch = ZeroWatch(cb)
-    model = Tiny(optimizer)
+    model = Tiny(optimizer=OPTIMIZERS[optimizer])
     trainer(tmp_path, 10, [cb, watch]).fit(model)
     assert len(cb.history) == 1 and watch.steps_checked == 80
     for name, p in model.named_parameters():  # baked: plain parameters again, zeros kept

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import run_script
 
 SCRIPT = textwrap.dedent(
     """
     import sys
     import lightning as L
-    from tests.helpers import TinyClassifier as Tiny
+    from tests.helpers import Tiny, mlp
     import torch
-    import torch.nn.functional as F
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
-    from plugins.hardshrink import HardshrinkSparsifier
-    from plugins.masks import get_mask
+    from plugins.sparsity.hardshrink import HardshrinkSparsifier
+    from plugins.core.masks import get_mask
 
     class Dump(L.Callback):
         def __init__(self, sparsifier):
@@ -43,7 +37,7 @@ SCRIPT = textwrap.dedent(
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[sparsifier, Dump(sparsifier)])
-    trainer.fit(Tiny())
+    trainer.fit(Tiny(mlp(8, 32, 32, 3)))
     """
 )
 
@@ -51,17 +45,7 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_masks_are_identical_on_both_ddp_ranks(tmp_path: Path):
-    script = tmp_path / "ddp_hardshrink.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_script(SCRIPT, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["history"] == ranks[1]["history"] and len(ranks[0]["history"]) >= 4

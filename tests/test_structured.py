@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 
 from models.backbones import DigitsCNN, ResNet1d
-from plugins.errors import ConfigError
-from plugins.masks import get_mask
-from plugins.structured import StructuredPruning, select_slices, slices_to_prune
+from plugins.core.errors import ConfigError
+from plugins.core.masks import get_mask
+from plugins.pruning.criteria import select_slices
+from plugins.pruning.structured import StructuredPruning, slices_to_prune
 from tests.conftest import FAST, run_train_inprocess
+from tests.helpers import Tiny
 
 # --- the pure part: which slices go -------------------------------------------------------------
 
@@ -162,29 +164,17 @@ def test_bad_input_names_key_and_layer(kwargs, shape, match):
 # --- with a Trainer: resume, logging ------------------------------------------------------------
 
 
-class Tiny(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv1d(1, 8, 3, padding=1),
-            nn.BatchNorm1d(8),
-            nn.ReLU(),
-            nn.Conv1d(8, 8, 3, padding=1),
-            nn.BatchNorm1d(8),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(8 * 6, 2),
-        )
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+def _conv_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv1d(1, 8, 3, padding=1),
+        nn.BatchNorm1d(8),
+        nn.ReLU(),
+        nn.Conv1d(8, 8, 3, padding=1),
+        nn.BatchNorm1d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6, 2),
+    )
 
 
 def _loader():
@@ -197,7 +187,7 @@ def _loader():
 
 def _fit(epochs: int, tmp_path, ckpt=None, seed_everything=11):
     L.seed_everything(seed_everything)
-    model = Tiny()
+    model = Tiny(_conv_net(), optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
     cb = StructuredPruning(
         method="random",
         schedule={"kind": "linear", "start": 0.25, "end": 0.75, "begin_epoch": 0, "end_epoch": 2},
