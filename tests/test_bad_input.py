@@ -141,6 +141,7 @@ HYDRA_AND_LIGHTNING = [
     mistake("+trainer.precision=99", says="trainer.precision=99 is not allowed: one of 64, 32, 16"),
     mistake("trainer.max_epochs=0", says="trainer.max_epochs=0"),
     mistake("trainer.log_every_n_steps=0", says="trainer.log_every_n_steps=0"),
+    mistake("trainer.limit_test_batches=0", says="trainer.limit_test_batches=0"),
     mistake("-m", "module.lr=0.001,nan", says="module.lr=nan"),
     mistake("-m", "norm=batch,banana", key="norm", says="norm='banana'"),
 ]
@@ -232,6 +233,7 @@ OPTIMIZED_METRIC = [
     mistake("optimized_metric=norm", says="optimized_metric='norm'"),
     mistake("sparsity=gmp", "optimized_metric=sparsity/sparsty", says="sparsity/selected"),
     mistake("hparams_search=optuna_sparsity", "optimized_metric=val/acuracy", says="closest: val/acc"),
+    mistake("trainer.limit_val_batches=0", says="optimized_metric='val/acc' is not allowed"),
 ]
 
 COMMAND_LINE = NAN_AND_INF + BOOLEANS + UNKNOWN_KEYS + HYDRA_AND_LIGHTNING + VALUES + PLUGINS + SCHEDULES + DIMS + OPTIMIZED_METRIC

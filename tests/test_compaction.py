@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from models.backbones import DigitsCNN, ResNet1d
-from plugins.compaction import compact, compact_copy
-from plugins.errors import ConfigError
+from plugins.core.errors import ConfigError
 from plugins.norm import NormFactory
-from plugins.structured import StructuredPruning
+from plugins.pruning.compaction import compact, compact_copy
+from plugins.pruning.structured import StructuredPruning
 
 
 class Wrap(nn.Module):

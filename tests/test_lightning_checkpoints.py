@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from models import Classifier, DigitsCNN, DigitsDataModule
 from plugins import HardshrinkSparsifier, StructuredPruning, WeightConstraints
-from plugins.checkpoint_form import CheckpointMismatch
+from plugins.core.checkpoint_form import CheckpointMismatch
 
 SCHEDULE = {"kind": "linear", "start": 0.3, "end": 0.6, "begin_epoch": 0, "end_epoch": 1}
 PLUGINS = {
@@ -106,7 +106,7 @@ def test_fit_resumes_into_a_fresh_trainer(fitted, tmp_path):
     t, _ = trainer(tmp_path, fresh_plugins, epochs=3)
     t.fit(module, datamodule=data, ckpt_path=Path(best.dirpath) / "every" / "epoch=1.ckpt")
     assert t.global_step == 12  # 8 steps from the checkpoint, 4 run here
-    for old, new in zip(plugins, fresh_plugins):
+    for old, new in zip(plugins, fresh_plugins, strict=True):
         if hasattr(old, "history"):
             assert new.history[: len(old.history)] == old.history  # the schedule went on from there
 

@@ -24,12 +24,12 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
 from models.backbones import ResNet1d
-from plugins.compaction import coupled_groups
 from plugins.constraints import WeightConstraints
-from plugins.errors import ConfigError
-from plugins.hardshrink import HardshrinkSparsifier
+from plugins.core.errors import ConfigError
 from plugins.norm import NormFactory
-from plugins.structured import StructuredPruning
+from plugins.pruning.compaction import coupled_groups
+from plugins.pruning.structured import StructuredPruning
+from plugins.sparsity.hardshrink import HardshrinkSparsifier
 from tests.conftest import CONF, FAST, run_train_inprocess
 
 EXAMPLE = torch.randn(2, 1, 6, generator=torch.Generator().manual_seed(1))

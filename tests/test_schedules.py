@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from plugins.errors import ConfigError
-from plugins.schedules import Schedule, build_schedule, shape
+from plugins.core.errors import ConfigError
+from plugins.core.schedules import Schedule, build_schedule, shape
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import hydra
 import pytest
 from omegaconf import OmegaConf
 
-from plugins.sweeps import (
+from runner.sweeps import (
     SweepSummary,
     aggregate,
     markdown_table,
