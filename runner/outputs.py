@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from plugins.core.errors import ConfigError
 from plugins.core.masks import sparsity
+from plugins.core.modes import evaluating
 from plugins.core.selection import DEFAULT_MODULE_TYPES, resolve_module_types
 from runner.run_folder import write_atomically, write_json
 
@@ -50,19 +51,16 @@ def export_program(net: torch.nn.Module, example: torch.Tensor, path: Path) -> s
     ``torch.export.load(path).module()`` and no code of this project, unlike the pickled
     ``model.pt``. Returns why it could not be exported (a model ``torch.export`` cannot trace),
     or ``None``; a failure is a warning, not an error, as ``model.pt`` is already written."""
-    was_training = net.training
-    net.eval()
     try:
         batch = torch.export.Dim("batch", min=1)
-        program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
+        with evaluating(net):
+            program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
         write_atomically(path, lambda tmp: torch.export.save(program, tmp))
         return None
     except Exception as err:  # noqa: BLE001 - any tracing failure: keep model.pt, say why
         log.warning("model.pt2 not written: torch.export failed (%s: %s)", type(err).__name__, err)
         path.unlink(missing_ok=True)  # never leave an older run's program beside this model.pt
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    finally:
-        net.train(was_training)
 
 
 def write_outputs(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from plugins.core.modes import evaluating
 from plugins.norm.kinds import NORM_KINDS, NormFactory
 from plugins.norm.layers import ChannelLayerNorm, ChannelsLast
 
@@ -87,16 +88,13 @@ def _input_ranks(model: nn.Module, names: list[str], example_input: object) -> d
             if args and isinstance(args[0], torch.Tensor):
                 ranks[_name] = args[0].dim() - 2
         hooks.append(modules[name].register_forward_pre_hook(hook))
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             if isinstance(example_input, (tuple, list)):
                 model(*example_input)
             else:
                 model(example_input)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return ranks

@@ -32,6 +32,7 @@ from torch import nn
 
 from plugins.core.errors import ConfigError
 from plugins.core.masks import bake
+from plugins.core.modes import evaluating
 from plugins.pruning.dependency import (
     _RUNNING_STATS_NORMS,
     CONV_LINEAR,
@@ -214,38 +215,36 @@ def compact(
             not called as a module (so the graph does not see it).
     """
     bake(model)
-    was_training = model.training
-    model.eval()
-    dg = trace(model, example_inputs, key=key)
-    macs_before, params_before = count(model, example_inputs)
-    dense = copy.deepcopy(model) if measure else None
-    twin, shapes, steps = index_twin(model), {k: v.shape for k, v in model.state_dict().items()}, []
-    names = {m: n for n, m in model.named_modules()}
-    _refuse_untraced(model, dg, key)
-    before = _widths(dg, names)
-    inexact = _prune_removable(dg, names, steps)
-    _fix_feature_counts(model)
-    if inexact:
-        warnings.warn(
-            f"compaction changes the outputs of {sorted(inexact)}: their norm does not send a "
-            "removed (zero) channel to zero; equivalence holds for batch/instance norms with "
-            "masked scale and shift, and for no norm",
-            stacklevel=2,
-        )
-    macs_after, params_after = count(model, example_inputs)
-    after = _widths(dg, names)
-    report: dict[str, Any] = {
-        "params_before": params_before,
-        "params_after": params_after,
-        "macs_before": macs_before,
-        "macs_after": macs_after,
-        "channels": {n: f"{after[n]}/{before[n]}" for n in sorted(before)},
-        "inexact": sorted(inexact),
-        "kept_indices": kept_indices(twin, shapes, steps, example_inputs),
-    }
-    if measure:
-        report.update(_side_by_side(dense, model, batch_of(example_inputs, batch_size), repeats))
-    model.train(was_training)
+    with evaluating(model):
+        dg = trace(model, example_inputs, key=key)
+        macs_before, params_before = count(model, example_inputs)
+        dense = copy.deepcopy(model) if measure else None
+        twin, shapes, steps = index_twin(model), {k: v.shape for k, v in model.state_dict().items()}, []
+        names = {m: n for n, m in model.named_modules()}
+        _refuse_untraced(model, dg, key)
+        before = _widths(dg, names)
+        inexact = _prune_removable(dg, names, steps)
+        _fix_feature_counts(model)
+        if inexact:
+            warnings.warn(
+                f"compaction changes the outputs of {sorted(inexact)}: their norm does not send a "
+                "removed (zero) channel to zero; equivalence holds for batch/instance norms with "
+                "masked scale and shift, and for no norm",
+                stacklevel=2,
+            )
+        macs_after, params_after = count(model, example_inputs)
+        after = _widths(dg, names)
+        report: dict[str, Any] = {
+            "params_before": params_before,
+            "params_after": params_after,
+            "macs_before": macs_before,
+            "macs_after": macs_after,
+            "channels": {n: f"{after[n]}/{before[n]}" for n in sorted(before)},
+            "inexact": sorted(inexact),
+            "kept_indices": kept_indices(twin, shapes, steps, example_inputs),
+        }
+        if measure:
+            report.update(_side_by_side(dense, model, batch_of(example_inputs, batch_size), repeats))
     return model, report
 
 

@@ -14,6 +14,7 @@ from torch.nn.utils import parametrize
 
 from plugins.core.errors import ConfigError
 from plugins.core.masks import bake
+from plugins.core.modes import evaluating
 
 __all__ = ["CONV_LINEAR", "CoupledGroup", "trace", "coupled_groups", "independent_copy", "call_with"]
 
@@ -49,15 +50,13 @@ def trace(model: nn.Module, example_inputs: Any, key: str = "compact") -> tp.Dep
     Raises:
         ConfigError: naming ``key`` and the model when the graph cannot be traced.
     """
-    was_training = model.training
-    model.eval()
     # In-place activations rewrite the autograd graph of a view (InstanceNorm's output is one), so
     # the tracer would lose that norm layer: trace with them out of place.
     inplace = [m for m in model.modules() if getattr(m, "inplace", False) is True]
     for m in inplace:
         m.inplace = False
     try:
-        with torch.enable_grad():
+        with evaluating(model), torch.enable_grad():
             return tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
     except Exception as err:  # noqa: BLE001 - whatever the tracer trips on, the user must hear it
         raise ConfigError(
@@ -67,7 +66,6 @@ def trace(model: nn.Module, example_inputs: Any, key: str = "compact") -> tp.Dep
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
         ) from None
     finally:
-        model.train(was_training)
         for m in inplace:
             m.inplace = True
 

@@ -10,6 +10,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from plugins.core.modes import evaluating
 from plugins.pruning.dependency import call_with
 
 __all__ = ["count", "latency", "batch_of"]
@@ -17,23 +18,16 @@ __all__ = ["count", "latency", "batch_of"]
 
 def count(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     """(MACs, parameters) for one forward pass on ``example_inputs`` (Torch-Pruning's counter)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
     return int(macs), sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()
 def latency(model: nn.Module, inputs: Any, repeats: int = 10, warmup: int = 2) -> list[float]:
     """Seconds per forward pass, ``repeats`` measurements after ``warmup`` (eval, no grad)."""
-    was_training = model.training
-    model.eval()
     times = []
-    try:
+    with evaluating(model):
         for i in range(warmup + repeats):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -43,8 +37,6 @@ def latency(model: nn.Module, inputs: Any, repeats: int = 10, warmup: int = 2) -
                 torch.cuda.synchronize()
             if i >= warmup:
                 times.append(time.perf_counter() - start)
-    finally:
-        model.train(was_training)
     return times
 
 
