@@ -102,3 +102,20 @@ class SignalAtStep(L.Callback):
 
         if trainer.global_step == self.step:
             os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+def conv1d_net():
+    """Two conv-BatchNorm-ReLU stages on (N, 1, 6) series and a linear head: the smallest model with
+    coupled channels (each conv's bias and norm follow its output channels)."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv1d(1, 8, 3, padding=1),
+        nn.BatchNorm1d(8),
+        nn.ReLU(),
+        nn.Conv1d(8, 8, 3, padding=1),
+        nn.BatchNorm1d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6, 2),
+    )

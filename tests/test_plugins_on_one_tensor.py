@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -31,6 +30,7 @@ from plugins.pruning.compaction import coupled_groups
 from plugins.pruning.structured import StructuredPruning
 from plugins.sparsity.hardshrink import HardshrinkSparsifier
 from tests.conftest import CONF, FAST, run_train_inprocess
+from tests.helpers import conv1d_net
 
 EXAMPLE = torch.randn(2, 1, 6, generator=torch.Generator().manual_seed(1))
 
@@ -42,16 +42,7 @@ class Net(L.LightningModule):
     def __init__(self, kind: str) -> None:
         super().__init__()
         if kind == "cnn":
-            self.net = nn.Sequential(
-                nn.Conv1d(1, 8, 3, padding=1),
-                nn.BatchNorm1d(8),
-                nn.ReLU(),
-                nn.Conv1d(8, 8, 3, padding=1),
-                nn.BatchNorm1d(8),
-                nn.ReLU(),
-                nn.Flatten(),
-                nn.Linear(8 * 6, 2),
-            )
+            self.net = conv1d_net()
         else:
             self.net = ResNet1d(1, 2, widths=(8, 16), kernels=(3, 3), norm=NormFactory("batch"))
         self.example_input_array = EXAMPLE

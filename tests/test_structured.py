@@ -18,7 +18,7 @@ from plugins.core.masks import get_mask
 from plugins.pruning.criteria import select_slices
 from plugins.pruning.structured import StructuredPruning, slices_to_prune
 from tests.conftest import FAST, run_train_inprocess
-from tests.helpers import Tiny
+from tests.helpers import Tiny, conv1d_net
 
 # --- the pure part: which slices go -------------------------------------------------------------
 
@@ -164,19 +164,6 @@ def test_bad_input_names_key_and_layer(kwargs, shape, match):
 # --- with a Trainer: resume, logging ------------------------------------------------------------
 
 
-def _conv_net() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv1d(1, 8, 3, padding=1),
-        nn.BatchNorm1d(8),
-        nn.ReLU(),
-        nn.Conv1d(8, 8, 3, padding=1),
-        nn.BatchNorm1d(8),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(8 * 6, 2),
-    )
-
-
 def _loader():
     g = torch.Generator().manual_seed(0)
     return DataLoader(
@@ -187,7 +174,7 @@ def _loader():
 
 def _fit(epochs: int, tmp_path, ckpt=None, seed_everything=11):
     L.seed_everything(seed_everything)
-    model = Tiny(_conv_net(), optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
+    model = Tiny(conv1d_net(), optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
     cb = StructuredPruning(
         method="random",
         schedule={"kind": "linear", "start": 0.25, "end": 0.75, "begin_epoch": 0, "end_epoch": 2},
