@@ -378,7 +378,7 @@ def _resnet_config() -> dict:
     return {
         "widths": list(model["widths"]),
         "kernels": list(model["kernels"]),
-        "norm": norm,
+        "norm": {k: v for k, v in norm.items() if k != "_target_"},  # NormFactory's own arguments
         "batch_size": int(data["batch_size"]),
     }
 
