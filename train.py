@@ -65,7 +65,7 @@ def train(cfg: DictConfig) -> float:
     validation.check_checkpoint_matches(cfg.get("ckpt_path"), checkpoint, module)
     plugins = build_plugins(cfg)
     validation.check_checkpoint_plugins(cfg.get("ckpt_path"), checkpoint, plugins)
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, resume_step=None if checkpoint is None else checkpoint["global_step"])
     if checkpoint is not None:
         keep_history(loggers, checkpoint["global_step"])
     trainer: L.Trainer = hydra.utils.instantiate(

@@ -9,6 +9,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from plugins.core.errors import ConfigError
@@ -38,12 +39,17 @@ def build_plugins(cfg: DictConfig) -> list[L.Callback]:
     return plugins
 
 
-def build_loggers(cfg: DictConfig) -> list[Any]:
-    """Every logger of the ``logger`` group (csv, tensorboard, wandb; ``many`` = all three)."""
+def build_loggers(cfg: DictConfig, resume_step: int | None = None) -> list[Any]:
+    """Every logger of the ``logger`` group (csv, tensorboard, wandb; ``many`` = all three). When
+    resuming at ``resume_step``, TensorBoard purges its events from that step on (they came from
+    the stopped run after its checkpoint and are logged again)."""
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
         if node and "_target_" in node:
-            loggers.append(hydra.utils.instantiate(node, _convert_="all"))
+            extra = {}
+            if resume_step is not None and issubclass(hydra.utils.get_class(node._target_), TensorBoardLogger):
+                extra["purge_step"] = resume_step
+            loggers.append(hydra.utils.instantiate(node, _convert_="all", **extra))
         elif node:
             raise ConfigError(f"logger.{name}", OmegaConf.to_container(node), "a logger with _target_")
     return loggers

@@ -69,8 +69,11 @@ class LastCheckpoint(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         def stop_after_batch(signum: int, frame: Any) -> None:
             signal.signal(signal.SIGINT, self._previous_sigint)  # a second Ctrl-C: at once
-            trainer._signal_connector.received_sigterm = True
             self.stopped_by = "SIGINT"
+            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+                raise KeyboardInterrupt  # before Lightning's handler is in place
+            # Lightning's own SIGTERM handling: stop after this batch, DDP's children too.
+            signal.raise_signal(signal.SIGTERM)
 
         if _main_thread():
             self._previous_sigint = signal.signal(signal.SIGINT, stop_after_batch)

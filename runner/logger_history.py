@@ -3,7 +3,8 @@
 Lightning's CSV logger deletes ``metrics.csv`` when it starts, and TensorBoard would show the steps
 between the checkpoint and the crash twice. Before fitting from a checkpoint at ``step``, the CSV
 rows logged before ``step`` are kept (later ones came from the stopped run after its checkpoint and
-are logged again), and TensorBoard purges its events from ``step`` on.
+are logged again); TensorBoard purges its events from ``step`` on (``purge_step``, given when
+:func:`runner.build.build_loggers` builds it).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger
 
 __all__ = ["keep_history"]
 
@@ -38,5 +39,3 @@ def keep_history(loggers: list[Any], step: int) -> None:
     for logger in loggers:
         if isinstance(logger, CSVLogger):
             _keep_csv(logger, step)
-        elif isinstance(logger, TensorBoardLogger):
-            logger._kwargs["purge_step"] = step

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -12,10 +13,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from plugins.core.errors import ConfigError
+from plugins.core.errors import ConfigError, SelectionWarning
 from plugins.core.masks import sparsity
 from plugins.core.modes import evaluating
-from plugins.core.selection import DEFAULT_MODULE_TYPES, resolve_module_types
+from plugins.core.selection import DEFAULT_MODULE_TYPES, select_parameters
 from runner.run_folder import write_atomically, write_json
 
 __all__ = ["Reports", "weight_sparsity", "export_program", "write_outputs", "optimized_value"]
@@ -34,12 +35,13 @@ class Reports(Protocol):
 
 def weight_sparsity(net: torch.nn.Module) -> dict[str, Any]:
     """Zeros in the weights of conv and linear layers, per layer and over all of them."""
-    types = resolve_module_types(DEFAULT_MODULE_TYPES)
-    layers = {
-        f"{name}.weight": module.weight
-        for name, module in net.named_modules()
-        if isinstance(module, types)
-    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SelectionWarning)  # the plugins have said it already
+        try:
+            targets = select_parameters(net, ["*weight*"], module_types=DEFAULT_MODULE_TYPES)
+        except ConfigError:  # no conv, linear or attention weights at all
+            targets = []
+    layers = {t.name: t.tensor for t in targets}
     return {
         "sparsity/global": sparsity(layers.values()),
         "sparsity/layers": {name: sparsity([w]) for name, w in layers.items()},

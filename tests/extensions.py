@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from plugins.constraints import Constraint, register_constraint
+from plugins.core.criteria import CRITERIA, Criterion
 from plugins.core.schedules import SCHEDULE_KINDS, ScheduleKind
 from plugins.norm import NORM_KINDS, NormKind
-from plugins.pruning.criteria import CRITERIA, Criterion
 
 
 @SCHEDULE_KINDS.register("sqrt_ramp")
@@ -24,7 +24,7 @@ class SqrtRamp(ScheduleKind):
 class LowestIndex(Criterion):
     """Prunes the slices with the lowest indices first (a criterion anyone can check by eye)."""
 
-    def scores(self, weights, dim, keep, generator):
+    def scores(self, group, keep, generator):
         return torch.arange(keep.numel(), dtype=torch.float32)
 
 

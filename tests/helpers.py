@@ -13,6 +13,19 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
+def quiet_trainer(callbacks: Iterable[L.Callback] = (), **kwargs) -> L.Trainer:
+    """A CPU Trainer that writes and prints nothing unless told: no logger, no checkpoints, no
+    progress bar, no model summary. ``kwargs`` override or add Trainer arguments."""
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return L.Trainer(callbacks=list(callbacks), **{**defaults, **kwargs})
+
+
 class CrashAtStep(L.Callback):
     """Raises at the start of optimizer step ``step``: a run killed in the middle of an epoch."""
 

@@ -17,7 +17,7 @@ from plugins.constraints import Constraint, ConstraintError, registered
 from plugins.core.errors import ConfigError
 from plugins.core.masks import ensure_mask, get_mask
 from tests.conftest import FAST, compose_config, run_train_cli, run_train_inprocess
-from tests.helpers import Tiny, mlp
+from tests.helpers import Tiny, mlp, quiet_trainer
 
 
 @register_constraint("test_row_sum_one")
@@ -176,8 +176,7 @@ def test_callback_order_in_a_trainer_puts_the_mask_last():
         targets={"include": ["net.0.weight"]},
     )
     model = Tiny(mlp(8, 16, 2), optimizer=partial(torch.optim.Adam, lr=1e-2))
-    trainer = L.Trainer(max_epochs=2, callbacks=[constraints, sparsifier], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = quiet_trainer([constraints, sparsifier], max_epochs=2)
     seen = {}
 
     class Spy(L.Callback):

@@ -14,28 +14,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from plugins.core.allocation import Global, PerLayer, keep_after_cut, prune_count
 from plugins.core.errors import ConfigError
+from plugins.core.kth import kth_smallest_abs
 from plugins.core.masks import get_mask
 from plugins.sparsity.hardshrink import HardshrinkSparsifier
-from plugins.sparsity.thresholds import kth_smallest_abs, threshold_for_sparsity
 from tests.conftest import FAST, run_train_inprocess
-from tests.helpers import Tiny, sgd
+from tests.helpers import Tiny, quiet_trainer, sgd
 
 OPTIMIZERS = {"sgd": sgd, "adamw": partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1)}
 
 
 def trainer(tmp_path: Path, epochs: int, callbacks: list, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        default_root_dir=str(tmp_path),
-        callbacks=callbacks,
-        **{"enable_checkpointing": False, **kwargs},
-    )
+    return quiet_trainer(callbacks, max_epochs=epochs, deterministic=True, default_root_dir=str(tmp_path), **kwargs)
 
 
 def gmp(**kwargs) -> HardshrinkSparsifier:
@@ -65,20 +56,66 @@ def test_kth_smallest_abs_is_exact_with_zeros_ties_and_signs(dtype):
         kth_smallest_abs(tensors, 0)
 
 
-def test_lambda_derivation_above_16m_elements_without_quantile():
+def test_global_cut_above_16m_elements_is_exact_without_quantile():
     g = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(n, generator=g) for n in (6_000_000, 6_000_000, 5_000_001)]
-    total = sum(t.numel() for t in tensors)
+    tensors = {f"t{i}": torch.randn(n, generator=g).abs() for i, n in enumerate((6_000_000, 6_000_000, 5_000_001))}
+    total = sum(t.numel() for t in tensors.values())
     assert total > 16 * 2**20  # torch.quantile refuses inputs this large
-    lam = threshold_for_sparsity(tensors, 0.9)
-    k = math.floor(0.9 * total + 0.5)
-    zeros = sum(int((t.abs() <= lam).sum()) for t in tensors)
-    below = sum(int((t.abs() < lam).sum()) for t in tensors)
-    assert below < k <= zeros  # lam is exactly the k-th smallest magnitude
+    cuts = Global().cuts(tensors, 0.9)
+    k = round(0.9 * total)
+    lam = next(iter(cuts.values())).threshold
+    below = sum(int((t < lam).sum()) for t in tensors.values())
+    at_most = sum(int((t <= lam).sum()) for t in tensors.values())
+    assert below < k <= at_most  # lam is exactly the k-th smallest magnitude
+    zeros = sum(int((~keep_after_cut(t, cuts[name])).sum()) for name, t in tensors.items())
+    assert zeros == k
 
 
-def test_threshold_for_sparsity_zero_fraction_drops_only_exact_zeros():
-    assert threshold_for_sparsity([torch.randn(10)], 0.0) == 0.0
+def _levels(n: int, seed: int) -> torch.Tensor:
+    """Quantized weights: 8 magnitude levels, random signs (many ties at any lambda)."""
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.randint(1, 9, (n,), generator=g).float() / 8
+    return levels * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("fraction", [0.5, 0.8])
+def test_tied_magnitudes_give_exactly_round_f_n_zeros(scope, fraction):
+    """Issue 13: with 8 levels, every weight equal to lambda used to go (0.8 zeroed 100%)."""
+    model = nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 7))
+    with torch.no_grad():
+        for i, layer in enumerate(model):
+            layer.weight.copy_(_levels(layer.weight.numel(), i).view_as(layer.weight))
+    cb = gmp(scope=scope)
+    cb.setup(None, model, "fit")
+    cb.apply(fraction)
+    if scope == "layer":
+        for t in cb.targets:
+            assert int((t.tensor == 0).sum()) == round(fraction * t.tensor.numel()), t.name
+    else:
+        total = sum(t.tensor.numel() for t in cb.targets)
+        assert sum(int((t.tensor == 0).sum()) for t in cb.targets) == round(fraction * total)
+
+
+def test_both_callbacks_and_torch_agree_on_k_for_every_n_up_to_200():
+    """One rounding rule (torch.nn.utils.prune's round half to even): n=10, f=0.25 prunes 2."""
+    from torch.nn.utils import prune
+
+    from plugins.core.decision import select_slices
+
+    for n in range(1, 201):
+        weight = torch.randn(n, 1)
+        for f in (0.1, 0.25, 0.5, 0.75):
+            layer = nn.Linear(1, n, bias=False)
+            with torch.no_grad():
+                layer.weight.copy_(weight)
+            prune.l1_unstructured(layer, "weight", amount=f)
+            torch_k = int((layer.weight_mask == 0).sum())
+            cuts = PerLayer().cuts({"w": weight.abs().reshape(-1)}, f)
+            entries_k = int((~keep_after_cut(weight.abs().reshape(-1), cuts["w"])).sum())
+            slices_k = int((~select_slices("l1", [weight], 0, torch.ones(n, dtype=torch.bool), prune_count(f, n))).sum())
+            assert torch_k == entries_k == slices_k, (n, f, torch_k, entries_k, slices_k)
+    assert prune_count(0.25, 10) == 2
 
 
 # --- the decision and its application ------------------------------------------------------------

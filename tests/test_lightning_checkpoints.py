@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from models import Classifier, DigitsCNN, DigitsDataModule
 from plugins import HardshrinkSparsifier, StructuredPruning, WeightConstraints
 from plugins.core.checkpoint_form import CheckpointMismatch
+from tests.helpers import quiet_trainer
 
 SCHEDULE = {"kind": "linear", "start": 0.3, "end": 0.6, "begin_epoch": 0, "end_epoch": 1}
 PLUGINS = {
@@ -37,16 +38,13 @@ def build() -> tuple[Classifier, DigitsDataModule]:
 def trainer(tmp_path: Path, callbacks: list, epochs: int = 2) -> tuple[L.Trainer, ModelCheckpoint]:
     best = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")
     every = ModelCheckpoint(dirpath=tmp_path / "every", filename="{epoch}", save_top_k=-1)
-    t = L.Trainer(
+    t = quiet_trainer(
+        [*callbacks, best, every],
         max_epochs=epochs,
         limit_train_batches=4,
         limit_val_batches=2,
         limit_test_batches=3,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[*callbacks, best, every],
+        enable_checkpointing=True,
     )
     return t, best
 

@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 
 from models import Classifier, DigitsCNN, DigitsDataModule
 from plugins import HardshrinkSparsifier, StructuredPruning, WeightConstraints
+from tests.helpers import quiet_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -68,15 +69,10 @@ def test_long_run_memory_is_flat_and_nothing_leaks(tmp_path):
     L.seed_everything(0)
     probe = Probe()
     module = Classifier(DigitsCNN(widths=(16, 32, 64)), num_classes=10)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_epochs=EPOCHS,
         limit_train_batches=6,
         limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
         callbacks=[*_plugins(), probe],

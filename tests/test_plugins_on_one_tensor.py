@@ -30,7 +30,7 @@ from plugins.pruning.compaction import coupled_groups
 from plugins.pruning.structured import StructuredPruning
 from plugins.sparsity.hardshrink import HardshrinkSparsifier
 from tests.conftest import CONF, FAST, run_train_inprocess
-from tests.helpers import conv1d_net
+from tests.helpers import conv1d_net, quiet_trainer
 
 EXAMPLE = torch.randn(2, 1, 6, generator=torch.Generator().manual_seed(1))
 
@@ -128,16 +128,7 @@ def _fit(kind, rules, method, compact, extra=(), gmp=False, bake_constraints=Tru
         targets={"exclude": ["*head*", "net.7.*"]},
     )
     plugins = [constraints, *([sparsifier] if gmp else []), pruning]
-    trainer = L.Trainer(
-        max_epochs=2,
-        limit_train_batches=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[*plugins, *extra],
-    )
+    trainer = quiet_trainer([*plugins, *extra], max_epochs=2, limit_train_batches=3)
     trainer.fit(model, _loader())
     summary = {}
     for plugin in plugins:

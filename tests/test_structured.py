@@ -13,12 +13,13 @@ from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 
 from models.backbones import DigitsCNN, ResNet1d
+from plugins.core.allocation import prune_count
+from plugins.core.decision import select_slices
 from plugins.core.errors import ConfigError
 from plugins.core.masks import get_mask
-from plugins.pruning.criteria import select_slices
-from plugins.pruning.structured import StructuredPruning, slices_to_prune
+from plugins.pruning.structured import StructuredPruning
 from tests.conftest import FAST, run_train_inprocess
-from tests.helpers import Tiny, conv1d_net
+from tests.helpers import Tiny, conv1d_net, quiet_trainer
 
 # --- the pure part: which slices go -------------------------------------------------------------
 
@@ -39,7 +40,7 @@ def test_ln_keeps_what_torch_ln_structured_keeps(n, dim, amount):
         [conv.weight_orig],
         dim,
         torch.ones(size, dtype=torch.bool),
-        slices_to_prune(amount, size, count_mode=isinstance(amount, int)),
+        prune_count(amount, size, count=isinstance(amount, int)),
     )
     assert torch.equal(got, expected)
 
@@ -181,15 +182,10 @@ def _fit(epochs: int, tmp_path, ckpt=None, seed_everything=11):
         exclude=["*net.7*"],
         bake_at_end=False,
     )
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
+        [cb],
         max_epochs=epochs,
         limit_train_batches=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        accelerator="cpu",
-        callbacks=[cb],
     )
     trainer.fit(model, train_dataloaders=_loader(), ckpt_path=ckpt)
     masks = {t.name: get_mask(t.module, t.tensor_name).mask.clone() for t in cb.targets}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["ConfigError", "is_number"]
+__all__ = ["ConfigError", "SelectionWarning", "is_number"]
 
 
 class ConfigError(ValueError):
@@ -25,3 +25,7 @@ class ConfigError(ValueError):
 def is_number(value: Any) -> bool:
     """A finite int or float (not a bool): what every numeric setting must be; NaN and Inf never are."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class SelectionWarning(UserWarning):
+    """A tensor the user's globs match is left out of a plugin's selection (by module type)."""

@@ -29,6 +29,7 @@ __all__ = [
     "stored",
     "ensure_mask",
     "set_mask",
+    "share_mask",
     "zero_optimizer_state",
     "bake",
     "sparsity",
@@ -117,6 +118,12 @@ def ensure_mask(module: nn.Module, tensor_name: str, shape: tuple[int, ...] | No
     )
     parametrize.register_parametrization(module, tensor_name, mask, unsafe=True)
     return mask
+
+
+def share_mask(module: nn.Module, tensor_name: str, mask: Mask) -> None:
+    """Register ``mask`` (another owner's) on ``module.tensor_name``: for tied tensors, whose owners
+    must compute with one mask."""
+    parametrize.register_parametrization(module, tensor_name, mask, unsafe=True)
 
 
 @torch.no_grad()

@@ -8,28 +8,36 @@ Names are the ones a user sees in ``model.named_parameters()`` before any plugin
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from plugins.core.errors import ConfigError
+from plugins.core.errors import ConfigError, SelectionWarning
 from plugins.core.masks import stored
 
 __all__ = ["Target", "DEFAULT_MODULE_TYPES", "select_parameters", "resolve_module_types"]
 
-DEFAULT_MODULE_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Linear")
+# MultiheadAttention owns its q/k/v projection (``in_proj_weight``) itself; its output projection
+# is a Linear. Leaving it out would leave attention dense without a word.
+DEFAULT_MODULE_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Linear", "MultiheadAttention")
 
 
 @dataclass(frozen=True)
 class Target:
-    """A selected tensor: its qualified name, the module that owns it and its attribute name."""
+    """A selected tensor: its qualified name, the module that owns it and its attribute name.
+
+    ``aliases`` are the other ``(name, module, attribute)`` owners of the same tensor (tied
+    weights, such as a language model's embedding and decoder): the tensor is selected, masked and
+    counted once, and its mask is shared by every owner so the tie holds."""
 
     name: str
     module: nn.Module
     tensor_name: str
+    aliases: tuple[tuple[str, nn.Module, str], ...] = field(default=(), compare=False)
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -74,7 +82,7 @@ def _tensors_of(module: nn.Module) -> list[str]:
 
 def select_parameters(
     model: nn.Module,
-    include: Sequence[str] = ("*weight",),
+    include: Sequence[str] = ("*weight*",),
     exclude: Sequence[str] = (),
     module_types: Sequence[str | type] | None = DEFAULT_MODULE_TYPES,
     key: str = "targets",
@@ -90,15 +98,8 @@ def select_parameters(
     if isinstance(exclude, str):
         exclude = [exclude]
     types = resolve_module_types(module_types or (), f"{key}.module_types")
-    candidates: list[Target] = []
-    for mod_name, module in model.named_modules():
-        if isinstance(module, parametrize.ParametrizationList) or ".parametrizations." in mod_name:
-            continue
-        if types and not isinstance(module, types):
-            continue
-        for tensor_name in _tensors_of(module):
-            name = f"{mod_name}.{tensor_name}" if mod_name else tensor_name
-            candidates.append(Target(name, module, tensor_name))
+    owned = _all_tensors(model)
+    candidates = [t for t in owned if not types or isinstance(t.module, types)]
     chosen: list[Target] = []
     for pattern in include:
         hits = [t for t in candidates if fnmatch.fnmatchcase(t.name, pattern)]
@@ -114,4 +115,57 @@ def select_parameters(
     chosen = [t for t in chosen if not any(fnmatch.fnmatchcase(t.name, p) for p in exclude)]
     if not chosen:
         raise ConfigError(f"{key}.exclude", list(exclude), "a list that leaves at least one parameter")
+    chosen = _tie(chosen, owned)
+    _warn_left_out(owned, chosen, include, exclude, key)
     return chosen
+
+
+def _all_tensors(model: nn.Module) -> list[Target]:
+    """Every (module, tensor) pair of ``model``, parametrized tensors under their plain names."""
+    out = []
+    for mod_name, module in model.named_modules():
+        if isinstance(module, parametrize.ParametrizationList) or ".parametrizations." in mod_name:
+            continue
+        for tensor_name in _tensors_of(module):
+            out.append(Target(f"{mod_name}.{tensor_name}" if mod_name else tensor_name, module, tensor_name))
+    return out
+
+
+def _tie(chosen: list[Target], owned: list[Target]) -> list[Target]:
+    """One target per stored tensor, with the other owners of that tensor as its aliases."""
+    owners: dict[int, list[Target]] = {}
+    for t in owned:
+        owners.setdefault(id(t.raw), []).append(t)
+    out, seen = [], set()
+    for t in chosen:
+        if id(t.raw) in seen:
+            continue
+        seen.add(id(t.raw))
+        others = tuple((o.name, o.module, o.tensor_name) for o in owners[id(t.raw)] if o.name != t.name)
+        out.append(replace(t, aliases=others))
+    return out
+
+
+def _warn_left_out(
+    owned: list[Target], chosen: list[Target], include: Sequence[str], exclude: Sequence[str], key: str
+) -> None:
+    """Name the weight tensors (2-D or more) the globs match but the module types leave out."""
+    taken = {t.name for t in chosen} | {name for t in chosen for name, _, _ in t.aliases}
+    left = [
+        t
+        for t in owned
+        if t.name not in taken
+        and t.raw.dim() >= 2
+        and any(fnmatch.fnmatchcase(t.name, p) for p in include)
+        and not any(fnmatch.fnmatchcase(t.name, p) for p in exclude)
+    ]
+    if left:
+        shown = ", ".join(f"{t.name} ({type(t.module).__name__})" for t in left[:6])
+        warnings.warn(
+            SelectionWarning(
+                f"{key}: {len(left)} weight tensor(s) match the include globs but not the module types, "
+                f"and stay untouched: {shown}{', ...' if len(left) > 6 else ''}. Add their types to "
+                f"{key}.module_types, or exclude them by name to silence this."
+            ),
+            stacklevel=3,
+        )

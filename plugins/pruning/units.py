@@ -3,7 +3,6 @@ group with its biases and norms), built once in ``setup``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from plugins.core.decision import Group
 from plugins.core.errors import ConfigError
 from plugins.core.masks import get_mask, prune_in_place, set_mask
 from plugins.core.schedules import Schedule
@@ -18,43 +18,23 @@ from plugins.core.selection import Target
 from plugins.pruning.dependency import CONV_LINEAR, CoupledGroup, coupled_groups
 
 __all__ = [
-    "Unit",
     "build_units",
     "check_schedule_values",
-    "check_amounts",
     "example_inputs",
     "kept_slices",
     "nonzero_slices",
     "refuse_unbaked_constraints",
     "settle",
-    "slices_to_prune",
 ]
-
-
-def slices_to_prune(value: float, n: int, count_mode: bool) -> int:
-    """How many of ``n`` slices a scheduled ``value`` prunes (torch.prune's rounding)."""
-    return int(round(value)) if count_mode else int(round(value * n))
-
-
-@dataclass
-class Unit:
-    """Slices pruned together: the selected weights sharing one keep vector, plus coupled
-    tensors (biases, norm scale and shift) that follow it."""
-
-    name: str
-    size: int
-    members: list[Target]
-    extras: list[tuple[str, nn.Module, str]] = field(default_factory=list)
-
 
 
 def build_units(
     pl_module: nn.Module, targets: list[Target], dim: int, couple: bool, example: Any, key: str, exclude: list[str]
-) -> list[Unit]:
+) -> list[Group]:
     """The slices pruned together: one unit per target, or with ``dim=0`` and ``couple`` one per
     dependency group (residual additions share one mask; biases and norm scale/shift follow)."""
     if not (couple and dim == 0):
-        return [Unit(t.name, t.raw.shape[dim], [t]) for t in targets]
+        return [Group(t.name, [t], t.raw.shape[dim], dim, min_keep=1) for t in targets]
     by_module = _by_module(targets, key)
     names = {m: n for n, m in pl_module.named_modules()}
     units, seen = [], set()
@@ -63,7 +43,7 @@ def build_units(
         if not chosen:
             continue
         _check_group(group, chosen, by_module, names, key, exclude)
-        units.append(Unit(chosen[0].name, group.size, chosen, _extras(group, names)))
+        units.append(Group(chosen[0].name, chosen, group.size, dim, _extras(group, names), min_keep=1))
         seen.update(t.module for t in chosen)
     untraced = [t.name for t in targets if t.module not in seen]
     if untraced:
@@ -134,27 +114,6 @@ def _extras(group: CoupledGroup, names: dict[nn.Module, str]) -> list[tuple[str,
     return extras
 
 
-def check_amounts(units: list[Unit], schedule: Schedule, count_mode: bool, dim: int, key: str) -> None:
-    """No schedule value may prune every slice of a unit (that removes the layer)."""
-    peak = max(schedule.start, schedule.end)
-    key = f"{key}.schedule.end"
-    for unit in units:
-        prune = slices_to_prune(peak, unit.size, count_mode)
-        if prune > unit.size:
-            raise ConfigError(
-                key,
-                peak,
-                f"a count <= the {unit.size} slices of {unit.name} along dim {dim}",
-            )
-        if prune >= unit.size:
-            raise ConfigError(
-                key,
-                peak,
-                f"an amount that leaves at least one of the {unit.size} slices of {unit.name} "
-                f"along dim {dim} (pruning all of them removes the layer)",
-            )
-
-
 def example_inputs(trainer: L.Trainer, pl_module: L.LightningModule, shape: list[int] | None, key: str) -> Any:
     """Inputs to trace the model with: ``shape``, the module's ``example_input_array``, or a batch
     of whatever ``fit`` was given."""
@@ -165,7 +124,9 @@ def example_inputs(trainer: L.Trainer, pl_module: L.LightningModule, shape: list
         return pl_module.example_input_array
     datamodule = getattr(trainer, "datamodule", None)
     sources = [
-        # What fit() was given (dataloaders, a datamodule or the module's own hook).
+        # What fit() was given (dataloaders, a datamodule or the module's own hook). Lightning's
+        # public trainer.train_dataloader is set only after setup and the checkpoint restore, and
+        # the masks must exist before that restore: no public accessor exists this early.
         lambda: trainer.fit_loop._data_source.dataloader(),
         *(
             getattr(datamodule, n)
@@ -189,7 +150,7 @@ def example_inputs(trainer: L.Trainer, pl_module: L.LightningModule, shape: list
     )
 
 
-def kept_slices(unit: Unit, dim: int) -> torch.Tensor:
+def kept_slices(unit: Group, dim: int) -> torch.Tensor:
     """The slices of ``unit`` kept (bool, one per slice along ``dim``).
 
     While the tensors carry their mask, the mask says; it may be the full tensor's (shared with
@@ -206,7 +167,7 @@ def kept_slices(unit: Unit, dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def nonzero_slices(unit: Unit, dim: int) -> torch.Tensor:
+def nonzero_slices(unit: Group, dim: int) -> torch.Tensor:
     """Slices along ``dim`` where some member, as the module computes with it (constraints, then
     the mask), has a nonzero entry: what the final weights (``model.pt``) hold."""
     keep = None
@@ -218,7 +179,7 @@ def nonzero_slices(unit: Unit, dim: int) -> torch.Tensor:
     return keep
 
 
-def settle(unit: Unit, dim: int, optimizers: list[torch.optim.Optimizer] = ()) -> None:
+def settle(unit: Group, dim: int, optimizers: list[torch.optim.Optimizer] = ()) -> None:
     """At the end of fit: a slice whose weights are all zero in every member counts as pruned,
     whatever zeroed it (this mask, hardshrink's, or a constraint before it: a learned mask's
     rounded gates, a clamp). Its mask, bias and norm follow, so that ``channels``, the baked

@@ -22,49 +22,33 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from typing_extensions import override
 
+from plugins.core.allocation import ALLOCATIONS, FixedThreshold
+from plugins.core.criteria import L1
 from plugins.core.errors import ConfigError
+from plugins.core.mask_mechanism import EntryMasks
+from plugins.core.masking_callback import MaskingCallback
 from plugins.core.masks import sparsity
-from plugins.core.scheduled_masking import ScheduledMasking
 from plugins.core.schedules import Schedule, build_schedule
 from plugins.core.selection import DEFAULT_MODULE_TYPES, Target
-from plugins.sparsity.allocations import ALLOCATIONS
 
-__all__ = ["HardshrinkSparsifier", "MODES", "hardshrink_keep"]
+__all__ = ["HardshrinkSparsifier", "MODES"]
 
 MODES = ("threshold", "sparsity")
 _TARGET_KEYS = ("include", "exclude", "module_types")
 
 
-@torch.no_grad()
-def hardshrink_keep(
-    targets: list[Target], mode: str, scope: str, value: float
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """The pure decision: which entries survive ``hardshrink`` for a scheduled ``value``.
-
-    Returns ``(keep, lambdas)``: a bool tensor ``|w| > lambda`` per target name, and the lambda used
-    per target name. In threshold mode ``value`` is lambda; in sparsity mode it is the fraction of
-    zeros wanted, per tensor (``scope="layer"``) or over all of them together (``"global"``).
-    """
-    tensors = {t.name: t.tensor.detach() for t in targets}
-    if mode == "threshold":
-        lambdas = dict.fromkeys(tensors, float(value))
-    else:
-        lambdas = ALLOCATIONS.get(scope, "sparsity.scope")().lambdas(tensors, value)
-    keep = {name: w.abs() > lambdas[name] for name, w in tensors.items()}
-    return keep, lambdas
-
-
-class HardshrinkSparsifier(ScheduledMasking):
+class HardshrinkSparsifier(MaskingCallback):
     """Callback: scheduled hardshrink of selected weights, in any LightningModule.
 
     At each update the schedule's value becomes a lambda and every selected weight with
     ``|w| <= lambda`` is set to 0 and masked: the weights right after an update equal
     ``F.hardshrink(w, lambda)`` exactly. Between updates the mask keeps them at 0 (their stored
-    value and their optimizer state are zeroed, and the gradient through the mask is 0). With
+    value and their optimizer state are zeroed, and the gradient through the mask is 0). In
+    sparsity mode exactly ``k = round(f * n)`` weights are zero after an update (per tensor, or
+    over all of them with ``scope="global"``): ties at lambda are pruned in index order. With
     ``regrow=True`` no mask is kept: the zeros may come back between updates, and each update
     (and the end of fit) thresholds afresh.
 
@@ -78,7 +62,7 @@ class HardshrinkSparsifier(ScheduledMasking):
             begin_epoch, end_epoch, every_n_steps, steps). Lambda (>= 0) in threshold mode, the
             fraction of zeros (in [0, 1)) in sparsity mode.
         mode: ``"threshold"`` or ``"sparsity"``.
-        scope: a registered allocation (:mod:`plugins.sparsity.allocations`: ``layer``, ``global``);
+        scope: a registered allocation (:mod:`plugins.core.allocation`: ``layer``, ``global``);
             how the target splits into lambdas in sparsity mode.
         targets: ``{include, exclude, module_types}`` for
             :func:`~plugins.core.selection.select_parameters`; default: the weights of
@@ -86,6 +70,10 @@ class HardshrinkSparsifier(ScheduledMasking):
         regrow: let pruned weights return between updates (no mask kept).
         bake_at_end: remove the mask parametrizations at the end of fit, keeping the zeros.
         key: names this callback in error messages, logged metrics and ``summary.json``.
+
+    Composition (:class:`~plugins.core.masking_callback.MaskingCallback`): the schedule, the
+    magnitude criterion, the ``scope`` allocation (or the fixed lambda in threshold mode) and
+    entry masks.
 
     Raises:
         ConfigError: for a bad mode, scope, schedule value or targets key (here), a selection that
@@ -128,23 +116,30 @@ class HardshrinkSparsifier(ScheduledMasking):
                 )
         super().__init__(
             schedule=schedule,
-            include=targets.get("include", ("*weight",)),
+            criterion=L1(),  # on entries: |w|
+            allocation=FixedThreshold() if mode == "threshold" else ALLOCATIONS.get(scope, f"{key}.scope")(),
+            masks=EntryMasks(persistent=not regrow),
+            include=targets.get("include", ("*weight*",)),
             exclude=targets.get("exclude", ()),
             module_types=targets.get("module_types", DEFAULT_MODULE_TYPES),
-            persistent=not regrow,
             bake_at_end=bake_at_end,
             key=key,
         )
         self.mode = mode
         self.scope = scope
         self.regrow = regrow
-        self.lambdas: dict[str, float] = {}
+
+    @property
+    def lambdas(self) -> dict[str, float]:
+        """The lambda of the last update per tensor name: ``|w| <= lambda`` went (ties at it in
+        index order, to exactly k in sparsity mode)."""
+        return {name: max(cut.threshold, 0.0) for name, cut in self.cuts.items()}
 
     # --- the sparsifier ---------------------------------------------------------------------------
 
     @override
     @torch.no_grad()
-    def validate_targets(self, targets: list[Target]) -> None:
+    def check_targets(self, targets: list[Target]) -> None:
         """Threshold mode: refuse a scheduled lambda at or above the largest ``|w|`` of the selected
         weights (in ``setup``, before the first batch): it would zero every one of them at once."""
         if self.mode != "threshold":
@@ -165,38 +160,10 @@ class HardshrinkSparsifier(ScheduledMasking):
             )
 
     @override
-    def compute_keep(self, value: float) -> dict[str, torch.Tensor]:
-        keep, self.lambdas = hardshrink_keep(self.targets, self.mode, self.scope, value)
-        return keep
-
-    @override
-    def reached(self) -> dict[str, float]:
-        out = super().reached()
+    def record(self) -> dict[str, float]:
         if self.mode == "threshold" or self.scope == "global":
-            out["lambda"] = next(iter(self.lambdas.values()), 0.0)
-        else:
-            out.update({f"lambda/{name}": lam for name, lam in self.lambdas.items()})
-        return out
-
-    # --- Lightning hooks --------------------------------------------------------------------------
-
-    @override
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.regrow and self.history:
-            # Without masks the zeros may have grown back since the last update: threshold again,
-            # so that model.pt and summary.json hold the scheduled sparsity.
-            self.apply(self.history[-1]["value"], trainer.optimizers)
-            self.history.append({**self.history[-1], "step": trainer.global_step, **self.reached()})
-        super().on_fit_end(trainer, pl_module)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "lambdas": dict(self.lambdas)}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.lambdas = dict(state_dict.get("lambdas", {}))
+            return {"lambda": next(iter(self.lambdas.values()), 0.0)}
+        return {f"lambda/{name}": lam for name, lam in self.lambdas.items()}
 
     # --- run outputs ------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Lambda from a target fraction of zeros, on models of any size, without copying the model.
+"""The exact k-th smallest score over many tensors: the cut of every allocation, on models of any size.
 
 ``torch.quantile`` refuses inputs above 16M elements, and concatenating every selected tensor to
 sort them doubles the model's memory at every update. Instead, :func:`kth_smallest_abs` finds the
@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["kth_smallest_abs", "threshold_for_sparsity"]
+__all__ = ["kth_smallest", "kth_smallest_abs"]
 
 _INT_VIEW = {
     torch.float16: torch.int16,
@@ -26,6 +26,7 @@ _INT_VIEW = {
 }
 RADIX_BITS = 16
 CHUNK = 1 << 22  # elements per temporary: 4M (16 MiB of float32, 32 MiB of int64 counts input)
+SMALL = 1 << 16  # up to here a float64 copy and one kthvalue: any sign, no radix passes
 
 
 def _chunks(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> Iterator[torch.Tensor]:
@@ -76,15 +77,22 @@ def kth_smallest_abs(tensors: Sequence[torch.Tensor], k: int) -> float:
     return float(torch.tensor(prefix, dtype=int_dtype).view(dtype).item())
 
 
-def threshold_for_sparsity(tensors: Sequence[torch.Tensor], fraction: float) -> float:
-    """The lambda that zeroes ``fraction`` of the entries of ``tensors`` by ``|x| <= lambda``.
+def kth_smallest(tensors: Sequence[torch.Tensor], k: int) -> float:
+    """The exact ``k``-th smallest value (1-based) over all ``tensors`` taken together.
 
-    It is the k-th smallest magnitude with ``k = round(fraction * n)``; ties at lambda are all
-    zeroed, so the reached fraction is at least ``k / n``. ``fraction = 0`` gives 0 (only exact
-    zeros are dropped).
+    ``-inf`` marks entries already decided (pruned); the other values are scores, which must be
+    >= 0 above :data:`SMALL` elements, where the radix selection of :func:`kth_smallest_abs` runs
+    (an ``-inf`` reads as ``+inf`` there, so the ``k``-th smallest finite score is its
+    ``(k - count of -inf)``-th). Up to :data:`SMALL` elements, one ``kthvalue`` of a float64 copy.
     """
+    tensors = [t.detach().reshape(-1) for t in tensors]
     total = sum(t.numel() for t in tensors)
-    k = math.floor(fraction * total + 0.5)
-    if k <= 0:
-        return 0.0
-    return kth_smallest_abs(tensors, min(k, total))
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k} must be in [1, {total}]")
+    if total <= SMALL:
+        device = tensors[0].device
+        return float(torch.cat([t.to(device, torch.float64) for t in tensors]).kthvalue(k).values)
+    decided = sum(int(torch.isneginf(t).sum()) for t in tensors)
+    if k <= decided:
+        return -math.inf
+    return kth_smallest_abs(tensors, k - decided)

@@ -1,0 +1,114 @@
+"""The pure decision of every masking callback: Criterion scores -> Allocation cuts -> keep.
+
+A :class:`Group` is what is decided together: the entries of one tensor (hardshrink), or the
+slices along ``dim`` shared by a unit of tensors (structured pruning). :func:`decide` scores each
+group with the criterion, lets the allocation cut the scheduled amount into one :class:`Cut` per
+group, and keeps the rest. Already pruned elements score ``-inf``, so they stay pruned: pruning
+only grows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from plugins.core.allocation import Allocation, Cut, cut_lowest, keep_after_cut
+from plugins.core.criteria import CRITERIA, Criterion
+from plugins.core.selection import Target
+
+__all__ = ["Group", "decide", "select_slices", "seeded_generator"]
+
+
+@dataclass
+class Group:
+    """Elements decided together: the ``size`` entries of one tensor (``dim=None``), or the
+    ``size`` slices along ``dim`` that ``members`` share, with the coupled ``extras`` (biases, norm
+    scale and shift) that follow their keep vector. ``min_keep`` elements always stay."""
+
+    name: str
+    members: list[Target]
+    size: int
+    dim: int | None = None
+    extras: list[tuple[str, nn.Module, str]] = field(default_factory=list)
+    min_keep: int = 0
+
+    def weights(self) -> list[torch.Tensor]:
+        """The members as the module computes with them (constraints and masks applied), detached."""
+        return [m.tensor.detach() for m in self.members]
+
+    def describe(self) -> str:
+        """How an error names the group's elements."""
+        if self.dim is None:
+            return f"the {self.size} entries of {self.name}"
+        return f"the {self.size} slices of {self.name} along dim {self.dim}"
+
+
+def seeded_generator(seed: int, update: int, index: int) -> torch.Generator:
+    """The generator for group ``index`` at update ``update``: every rank and every resume draws alike."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + update * 10_007 + index) % (2**63 - 1))
+
+
+@torch.no_grad()
+def _scores(criterion: Criterion, group: Group, keep: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    scores = criterion.scores(group, keep, generator).reshape(-1)
+    return scores.masked_fill(~keep.reshape(-1).to(scores.device), -math.inf)
+
+
+@torch.no_grad()
+def decide(
+    groups: list[Group],
+    criterion: Criterion,
+    allocation: Allocation,
+    amount: float,
+    current: Callable[[Group], torch.Tensor],
+    count: bool = False,
+    seed: int = 0,
+    update: int = 0,
+) -> tuple[dict[str, Cut], dict[str, torch.Tensor]]:
+    """Cuts and keep vectors (bool, one per element, flat) per group name for ``amount``.
+
+    ``current(group)`` is the group's keep vector now. A cut never prunes fewer than the elements
+    already pruned, nor leaves fewer than ``min_keep``.
+    """
+    scores, pruned = {}, {}
+    for index, group in enumerate(groups):
+        keep = current(group)
+        scores[group.name] = _scores(criterion, group, keep, seeded_generator(seed, update, index))
+        pruned[group.name] = int((~keep).sum())
+    cuts = allocation.cuts(scores, amount, count)
+    for group in groups:
+        cut = cuts[group.name]
+        if cut.count > group.size - group.min_keep:
+            cut = cut_lowest([scores[group.name]], group.size - group.min_keep)
+        if cut.count < pruned[group.name]:
+            cut = Cut(pruned[group.name], -math.inf)
+        cuts[group.name] = cut
+    keeps = {g.name: keep_after_cut(scores[g.name], cuts[g.name]) for g in groups}
+    return cuts, keeps
+
+
+def select_slices(
+    criterion: Criterion | str,
+    weights: list[torch.Tensor],
+    dim: int,
+    keep: torch.Tensor,
+    prune: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One group's new keep vector (bool, one per slice along ``dim``) with ``prune`` slices
+    pruned: the lowest-scored of ``criterion``. Already pruned slices stay pruned; nothing changes
+    when ``prune`` is not above their number."""
+    if isinstance(criterion, str):
+        criterion = CRITERIA.get(criterion, "pruning.method")()
+    holder = nn.Module()
+    for i, w in enumerate(weights):
+        holder.register_buffer(f"w{i}", w.detach())
+    members = [Target(f"w{i}", holder, f"w{i}") for i in range(len(weights))]
+    group = Group("slices", members, keep.numel(), dim)
+    scores = criterion.scores(group, keep, generator or torch.Generator()).reshape(-1).float()
+    scores = scores.masked_fill(~keep, -math.inf)
+    return keep_after_cut(scores, cut_lowest([scores], max(prune, int((~keep).sum()))))

@@ -1,0 +1,233 @@
+"""The Lightning shell of every mask-producing callback, composed of four parts:
+
+- a :class:`~plugins.core.schedules.Schedule`: when, and how much;
+- an :class:`~plugins.core.allocation.Allocation`: how much per group (tensor or pruning unit);
+- a :class:`~plugins.core.criteria.Criterion`: which entries or slices;
+- a :class:`~plugins.core.mask_mechanism.MaskMechanism`: apply, keep, bake.
+
+The shell selects the tensors, runs :func:`~plugins.core.decision.decide` when the schedule is due,
+logs, and keeps its position in ``state_dict`` (the masks travel in the checkpoint's
+``parametrizations``, see :mod:`plugins.core.checkpoint_form`). A new method is a new part, never a
+subclass overriding hooks: ``HardshrinkSparsifier`` and ``StructuredPruning`` only build parts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from typing_extensions import override
+
+from plugins.core.allocation import Allocation, Cut
+from plugins.core.criteria import Criterion
+from plugins.core.decision import Group, decide
+from plugins.core.errors import ConfigError
+from plugins.core.mask_mechanism import MaskMechanism
+from plugins.core.masks import sparsity
+from plugins.core.plugin import PluginCallback
+from plugins.core.schedules import Schedule, build_schedule
+from plugins.core.selection import DEFAULT_MODULE_TYPES, Target, select_parameters
+
+__all__ = ["MaskingCallback"]
+
+
+class MaskingCallback(PluginCallback):
+    """Scheduled masking of selected tensors in any LightningModule: Schedule + Allocation +
+    Criterion + MaskMechanism.
+
+    Cost per update: one criterion score and one exact k-th smallest per cut; between updates,
+    one elementwise product per selected tensor in forward and backward with persistent masks,
+    none without.
+
+    Args:
+        schedule: a :class:`Schedule` or a mapping for :func:`build_schedule`.
+        criterion: scores the elements (entries or slices); the lowest go.
+        allocation: splits the scheduled amount into one cut per group.
+        masks: forms the groups and applies, keeps and bakes the decisions.
+        include: globs on qualified parameter names.
+        exclude: globs to leave out.
+        module_types: module class names whose tensors may be selected.
+        bake_at_end: remove the mask parametrizations at the end of ``fit``, keeping the zeros.
+        count: the scheduled value is a count of elements per group, not a fraction.
+        seed: seed of random criteria; ``None`` = the run's global seed (``PL_GLOBAL_SEED``).
+        key: the config key that names this callback in error messages and logged metrics.
+    """
+
+    #: Where ``include``/``exclude``/``module_types`` sit under ``key`` in a config, for errors:
+    #: ``sparsity.targets.include``; ``""`` for a callback that takes them as its own arguments.
+    targets_key = "targets"
+
+    def __init__(
+        self,
+        schedule: Schedule | dict[str, Any],
+        criterion: Criterion,
+        allocation: Allocation,
+        masks: MaskMechanism,
+        include: list[str] | str = ("*weight*",),
+        exclude: list[str] | str = (),
+        module_types: list[str] | None = DEFAULT_MODULE_TYPES,
+        bake_at_end: bool = True,
+        count: bool = False,
+        seed: int | None = None,
+        key: str = "sparsity",
+    ) -> None:
+        self.key = key
+        self.schedule = build_schedule(schedule, key=f"{key}.schedule")
+        self.criterion = criterion
+        self.allocation = allocation
+        self.masks = masks
+        self.include = [include] if isinstance(include, str) else list(include)
+        self.exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+        self.module_types = list(module_types) if module_types else None
+        self.bake_at_end = bake_at_end
+        self.count = count
+        self.seed = seed
+        self.targets: list[Target] = []
+        self.groups: list[Group] = []
+        self.cuts: dict[str, Cut] = {}
+        self.last_step = -1
+        self.history: list[dict[str, float]] = []
+        self.report: dict[str, Any] | None = None
+        self._layer_sparsity: dict[str, float] = {}
+
+    def check_targets(self, targets: list[Target]) -> None:
+        """Refuse targets this callback cannot act on (in ``setup``); raise ConfigError naming one."""
+
+    def record(self) -> dict[str, float]:
+        """Extra numbers of an update for its history entry and the logged metrics."""
+        return {}
+
+    # --- Lightning hooks --------------------------------------------------------------------------
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(key=self.key, include=self.include, exclude=self.exclude)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.targets:
+            return
+        if self.seed is None:
+            self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        where = f"{self.key}.{self.targets_key}" if self.targets_key else self.key
+        targets = select_parameters(pl_module, self.include, self.exclude, self.module_types, key=where)
+        for target in targets:
+            if not torch.isfinite(target.raw).all():
+                raise ConfigError(
+                    f"{self.key}.targets", target.name, "tensors whose values are all finite (found NaN or Inf)"
+                )
+        self.check_targets(targets)
+        self.groups = self.masks.groups(trainer, pl_module, targets, self.key)
+        self.allocation.prepare(self.groups)
+        self._check_peak()
+        self.masks.install(self.groups, self.key)
+        self.targets = targets
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self.last_step:
+            return  # gradient accumulation: several batches share one optimizer step
+        steps_per_epoch = max(int(trainer.num_training_batches // trainer.accumulate_grad_batches), 1)
+        epoch = trainer.current_epoch
+        if not self.schedule.due(epoch, step, steps_per_epoch, epoch_start=batch_idx == 0):
+            return
+        value = self.schedule.value_at(epoch, step, steps_per_epoch)
+        self.apply(value, trainer.optimizers)
+        self.last_step = step
+        self.history.append({"step": step, "epoch": epoch, "value": value, **self.reached()})
+
+    @override
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.criterion.observe(self.groups)  # gradient-based criteria accumulate here
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.history:
+            return
+        last = self.history[-1]
+        metrics = {f"{self.key}/{k}": float(v) for k, v in last.items() if k not in ("step", "epoch")}
+        metrics.update({f"{self.key}/layer/{n}": v for n, v in self._layer_sparsity.items()})
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.masks.persistent and self.history:
+            # Without masks the zeros may have grown back since the last update: decide again,
+            # so that model.pt and summary.json hold the scheduled sparsity.
+            self.apply(self.history[-1]["value"], trainer.optimizers)
+            self.history.append({**self.history[-1], "step": trainer.global_step, **self.reached()})
+        self.report = self.masks.finish(trainer, pl_module, self.groups, self.bake_at_end)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_step": self.last_step,
+            "history": list(self.history),
+            "seed": self.seed,
+            "cuts": {name: [cut.count, cut.threshold] for name, cut in self.cuts.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_step = int(state_dict["last_step"])
+        self.history = list(state_dict["history"])
+        if state_dict.get("seed") is not None:
+            self.seed = int(state_dict["seed"])
+        self.cuts = {name: Cut(int(c), float(t)) for name, (c, t) in state_dict.get("cuts", {}).items()}
+
+    # --- the decision -----------------------------------------------------------------------------
+
+    def apply(self, value: float, optimizers: list[torch.optim.Optimizer] = ()) -> None:
+        """Decide for ``value`` and apply it to every group (zeroes weights and optimizer state)."""
+        self.cuts, keeps = decide(
+            self.groups,
+            self.criterion,
+            self.allocation,
+            value,
+            self.masks.current,
+            count=self.count,
+            seed=self.seed or 0,
+            update=len(self.history),  # in the checkpoint: the same on every rank and after resume
+        )
+        self.masks.apply(self.groups, keeps, optimizers)
+
+    @torch.no_grad()
+    def reached(self) -> dict[str, float]:
+        """Sparsity actually reached, over all targets (and per target, cached for logging)."""
+        self._layer_sparsity = {t.name: sparsity([t.tensor]) for t in self.targets}
+        return {"sparsity": sparsity(t.tensor for t in self.targets), **self.record()}
+
+    def _check_peak(self) -> None:
+        """Before training: no schedule value may prune a group below its ``min_keep`` elements."""
+        sizes = {g.name: g.size for g in self.groups if g.min_keep}
+        peak = max(self.schedule.start, self.schedule.end)
+        bounds = self.allocation.bounds(sizes, peak, self.count)
+        for group in self.groups:
+            prune = bounds.get(group.name, -math.inf)
+            if prune > group.size:
+                allowed = f"a count <= {group.describe()}"
+            elif prune > group.size - group.min_keep:
+                least = "one" if group.min_keep == 1 else group.min_keep
+                allowed = (
+                    f"an amount that leaves at least {least} of {group.describe()} "
+                    "(pruning all of them removes the layer)"
+                )
+            else:
+                continue
+            raise ConfigError(f"{self.key}.schedule.end", peak, allowed)
+
+    def summary(self) -> dict[str, Any]:
+        """Keys for summary.json: the last scheduled value and the sparsity of the selected tensors."""
+        reached = self.history[-1] if self.history else {}
+        return {
+            f"{self.key}/target": reached.get("value"),
+            f"{self.key}/selected": sparsity(t.tensor for t in self.targets),
+        }
