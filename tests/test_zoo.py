@@ -144,3 +144,53 @@ def test_lstm_and_embedding_selected_by_type_keep_their_masks_through_training()
     total = sum(t.tensor.numel() for t in sparsifier.targets)
     zeros = sum(int((t.tensor == 0).sum()) for t in sparsifier.targets)
     assert zeros == round(0.6 * total)  # set at step 0, still exact after 3 epochs of AdamW
+
+
+class QKVO(nn.Module):
+    """A hand-written attention block: q/k/v/o Linear layers and ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(8, dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        b, t, d = h.shape
+
+        def split(z):
+            return z.view(b, t, self.heads, -1).transpose(1, 2)
+
+        a = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)))
+        return self.head(self.o(a.transpose(1, 2).reshape(b, t, -1)).mean(1))
+
+
+def test_compaction_that_changes_the_outputs_stops_the_run_naming_a_layer():
+    """Issue 13: compacting attention unevenly across heads changed the logits by up to 3.1 with
+    no word; now compaction compares itself with the masked model and raises."""
+    from plugins.core.errors import CompactionMismatch
+    from plugins.pruning.structured import StructuredPruning
+
+    torch.manual_seed(0)
+    net = QKVO()
+    pruning = StructuredPruning(
+        method="l1", amount=0.25, include=["net.q.weight", "net.k.weight", "net.v.weight"], compact=True, example_input_shape=[2, 5, 8]
+    )
+    x = torch.randn(32, 5, 8)
+    data = DataLoader(TensorDataset(x, torch.randint(0, 3, (32,))), batch_size=8)
+    task = Task(net, lm=False)
+    with pytest.raises(CompactionMismatch, match=r"first at net\.\w+"):
+        quiet_trainer([pruning], max_epochs=1).fit(task, data)
+
+
+@pytest.mark.parametrize("options,why", [({"dim": 2}, "dim=2 prunes slices that are not channels"), ({"couple": False}, "couple=false")])
+def test_compaction_that_would_remove_nothing_says_why_before_training(options, why):
+    from plugins.core.errors import CompactionWarning
+    from plugins.pruning.structured import StructuredPruning
+    from tests.helpers import conv1d_net
+
+    pruning = StructuredPruning(amount=0.5, compact=True, example_input_shape=[2, 1, 6], exclude=["net.7.*"], **options)
+    with pytest.warns(CompactionWarning, match=f"pruning.compact=true will remove nothing: {why}"):
+        pruning.setup(None, Task(conv1d_net(), lm=False), "fit")

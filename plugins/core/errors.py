@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["ConfigError", "SelectionWarning", "is_number"]
+__all__ = ["CompactionMismatch", "CompactionWarning", "ConfigError", "SelectionWarning", "is_number"]
 
 
 class ConfigError(ValueError):
@@ -29,3 +29,11 @@ def is_number(value: Any) -> bool:
 
 class SelectionWarning(UserWarning):
     """A tensor the user's globs match is left out of a plugin's selection (by module type)."""
+
+
+class CompactionWarning(UserWarning):
+    """Compaction will remove nothing, or not exactly (a norm that mixes channels)."""
+
+
+class CompactionMismatch(RuntimeError):
+    """The compact model's outputs differ from the masked model's on the example batch."""

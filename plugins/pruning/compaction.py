@@ -30,9 +30,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from plugins.core.errors import ConfigError
+from plugins.core.errors import CompactionWarning, ConfigError
 from plugins.core.masks import bake
 from plugins.core.modes import evaluating
+from plugins.pruning.compaction_check import check_equal, outputs
 from plugins.pruning.dependency import (
     _RUNNING_STATS_NORMS,
     CONV_LINEAR,
@@ -223,13 +224,17 @@ def compact(
         names = {m: n for n, m in model.named_modules()}
         _refuse_untraced(model, dg, key)
         before = _widths(dg, names)
+        expected = outputs(model, example_inputs)
         inexact = _prune_removable(dg, names, steps)
         _fix_feature_counts(model)
+        check_equal(expected, model, example_inputs, inexact)
         if inexact:
             warnings.warn(
-                f"compaction changes the outputs of {sorted(inexact)}: their norm does not send a "
-                "removed (zero) channel to zero; equivalence holds for batch/instance norms with "
-                "masked scale and shift, and for no norm",
+                CompactionWarning(
+                    f"compaction changes the outputs of {sorted(inexact)}: their norm does not send a "
+                    "removed (zero) channel to zero; equivalence holds for batch/instance norms with "
+                    "masked scale and shift, and for no norm"
+                ),
                 stacklevel=2,
             )
         macs_after, params_after = count(model, example_inputs)

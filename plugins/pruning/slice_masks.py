@@ -10,13 +10,14 @@ the layers' biases and the norms' scale and shift are masked too.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 
 from plugins.core.checkpoint_form import set_compaction_plan
 from plugins.core.decision import Group
-from plugins.core.errors import ConfigError
+from plugins.core.errors import CompactionWarning, ConfigError
 from plugins.core.mask_mechanism import MaskMechanism
 from plugins.core.selection import Target
 from plugins.pruning.compaction import compact
@@ -54,6 +55,8 @@ class SliceMasks(MaskMechanism):
         if self.compact:
             refuse_unbaked_constraints(trainer, key)
         self._resolve_dim(targets, key)
+        if self.compact:
+            _warn_if_nothing_to_remove(self.dim, self.couple, key)
         if self.compact or (self.couple and self.dim == 0):
             self.example = example_inputs(trainer, pl_module, self.example_input_shape, key)
         return build_units(pl_module, targets, self.dim, self.couple, self.example, key, self.exclude)
@@ -107,6 +110,12 @@ class SliceMasks(MaskMechanism):
         # The checkpoints stay full width (masked, the same outputs): the compacted module loads
         # them sliced, so trainer.test(ckpt_path="best") works after compaction.
         set_compaction_plan(pl_module, report.pop("kept_indices"))
+        pruned = any(not kept_slices(g, self.dim).all() for g in groups)
+        if pruned and report["params_after"] == report["params_before"]:
+            warnings.warn(
+                CompactionWarning(f"{self.key}.compact=true removed nothing: no pruned slice could be removed exactly"),
+                stacklevel=2,
+            )
         return report
 
     def channels(self, groups: list[Group]) -> dict[str, str]:
@@ -120,3 +129,13 @@ class SliceMasks(MaskMechanism):
         return out
 
 
+def _warn_if_nothing_to_remove(dim: int, couple: bool, key: str) -> None:
+    """Compaction removes whole channels (dim 0 of a producer with its bias and norm, or dim 1 of
+    every consumer): say before training when the settings leave it nothing to remove."""
+    if dim not in (0, 1):
+        why = f"dim={dim} prunes slices that are not channels; compaction removes only dim 0 or dim 1 slices"
+    elif dim == 0 and not couple:
+        why = "couple=false leaves the biases and norms of pruned channels nonzero, so no channel can be removed"
+    else:
+        return
+    warnings.warn(CompactionWarning(f"{key}.compact=true will remove nothing: {why}"), stacklevel=3)

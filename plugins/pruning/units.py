@@ -203,7 +203,7 @@ def refuse_unbaked_constraints(trainer: L.Trainer, key: str) -> None:
     stay parametrizations after fit (their summary and state would describe tensors that are gone)."""
     from plugins.constraints import WeightConstraints
 
-    for callback in trainer.callbacks:
+    for callback in trainer.callbacks if trainer is not None else []:
         if isinstance(callback, WeightConstraints) and not callback.bake_at_end:
             raise ConfigError(
                 f"{key}.compact",

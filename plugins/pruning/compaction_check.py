@@ -1,0 +1,66 @@
+"""Compaction checks itself: the compact model must compute what the masked model did, on the
+example batch, or the run stops naming the first layer whose output changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from plugins.core.errors import CompactionMismatch
+from plugins.pruning.dependency import call_with
+
+__all__ = ["outputs", "check_equal"]
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    """The first tensor of a model's output (a tensor, a tuple, a dict or a ModelOutput)."""
+    if torch.is_tensor(out):
+        return out
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    return next((t for t in map(_first_tensor, values) if t is not None), None)
+
+
+def outputs(model: nn.Module, example_inputs: Any) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The model's output and the output of every named submodule, in call order."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, name=n: seen.setdefault(name, _first_tensor(out)))
+        for n, m in model.named_modules()
+        if n
+    ]
+    try:
+        with torch.no_grad():
+            out = _first_tensor(call_with(model, example_inputs))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, {n: t for n, t in seen.items() if t is not None}
+
+
+def check_equal(
+    expected: tuple[torch.Tensor | None, dict[str, torch.Tensor]],
+    model: nn.Module,
+    example_inputs: Any,
+    inexact: set[str],
+) -> None:
+    """Compaction checks itself: the compact model must compute what the masked one did."""
+    want, layers = expected
+    got, now = outputs(model, example_inputs)
+    if want is None or got is None:
+        return
+    tol = 1e-5 * max(1.0, float(want.abs().max()))
+    if got.shape == want.shape and float((got - want).abs().max()) <= tol or inexact:
+        return
+    # The first layer (in call order) whose output keeps its shape and changes is the culprit.
+    changed = (n for n, t in layers.items() if n in now and now[n].shape == t.shape and _differ(now[n], t, tol))
+    culprit = next(changed, "the model's output")
+    raise CompactionMismatch(
+        f"compaction changed the outputs (max difference {float((got - want).abs().max()):.3g} > {tol:.1g}), "
+        f"first at {culprit}: this structure cannot be compacted exactly; set compact=false"
+    )
+
+
+def _differ(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    return float((a - b).abs().max()) > tol
