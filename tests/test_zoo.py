@@ -9,44 +9,19 @@ import warnings
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from plugins.core.errors import SelectionWarning
 from plugins.sparsity.hardshrink import HardshrinkSparsifier
 from tests.helpers import quiet_trainer
-
-VOCAB, LENGTH = 64, 12
-
-
-class Task(L.LightningModule):
-    """Trains any ``net`` on integer sequences: next-token loss for a language model (``lm=True``),
-    else a class per sequence."""
-
-    def __init__(self, net: nn.Module, lm: bool) -> None:
-        super().__init__()
-        self.net, self.lm = net, lm
-
-    def forward(self, x):
-        out = self.net(x)
-        return out.logits if hasattr(out, "logits") else out
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        out = self(x)
-        if self.lm:
-            return F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), x[:, 1:].reshape(-1))
-        return F.cross_entropy(out, y)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+from tests.zoo_models import CLASSES, LENGTH, QKVO, VOCAB, ZOO, Task, TextLSTM, ZooModel, fit_zoo
 
 
 def _tokens(n: int = 32) -> DataLoader:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (n, LENGTH), generator=g)
-    return DataLoader(TensorDataset(x, x[:, 0] % 3), batch_size=8)
+    return DataLoader(TensorDataset(x, x[:, 0] % CLASSES), batch_size=8)
 
 
 def _sparsifier(fraction: float, **targets) -> HardshrinkSparsifier:
@@ -77,7 +52,7 @@ def test_gpt2_tied_embeddings_stay_tied_masked_once_and_bake_exactly():
     sparsifier = _sparsifier(0.8, module_types=["Linear", "transformers.pytorch_utils.Conv1D"])
     x = torch.randint(0, VOCAB, (4, LENGTH), generator=torch.Generator().manual_seed(1))
     probe = LogitsBeforeBake(x)
-    task = Task(lm, lm=True)
+    task = Task(lm)
     quiet_trainer([probe, sparsifier], max_epochs=2).fit(task, _tokens())
 
     assert lm.lm_head.weight is lm.transformer.wte.weight  # the tie holds through baking
@@ -92,19 +67,12 @@ def test_gpt2_tied_embeddings_stay_tied_masked_once_and_bake_exactly():
     assert (after - probe.logits).abs().max().item() <= 1e-6
 
 
-def _encoder() -> nn.Module:
-    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
-    return nn.Sequential(
-        nn.Embedding(VOCAB, 16), nn.TransformerEncoder(layer, num_layers=2), nn.Flatten(), nn.Linear(16 * LENGTH, 3)
-    )
-
-
 def test_transformer_encoder_attention_is_selected_by_default():
     """The default selection includes MultiheadAttention's in_proj_weight: "80%" covers attention."""
     torch.manual_seed(0)
-    net = _encoder()
+    net = ZOO[4].build()
     sparsifier = _sparsifier(0.8, exclude=["net.0.*"])
-    quiet_trainer([sparsifier], max_epochs=1).fit(Task(net, lm=False), _tokens())
+    quiet_trainer([sparsifier], max_epochs=1).fit(Task(net), _tokens())
     in_proj = [t for t in sparsifier.targets if t.name.endswith("self_attn.in_proj_weight")]
     assert len(in_proj) == 2
     for t in in_proj:
@@ -116,29 +84,16 @@ def test_weights_left_out_by_module_type_are_named_in_a_warning():
     net = nn.Sequential(nn.Embedding(VOCAB, 8), nn.LSTM(8, 8, batch_first=True), nn.Linear(8, 3))
     sparsifier = _sparsifier(0.5)
     with pytest.warns(SelectionWarning, match=r"net.0.weight \(Embedding\), net.1.weight_ih_l0 \(LSTM\), net.1.weight_hh_l0 \(LSTM\)"):
-        sparsifier.setup(None, Task(net, lm=False), "fit")
-
-
-class LastStep(nn.Module):
-    """Embedding + LSTM text classifier: the last hidden state goes to a linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(VOCAB, 8)
-        self.lstm = nn.LSTM(8, 8, batch_first=True)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.head(self.lstm(self.embedding(x))[0][:, -1])
+        sparsifier.setup(None, Task(net), "fit")
 
 
 def test_lstm_and_embedding_selected_by_type_keep_their_masks_through_training():
     torch.manual_seed(0)
-    net = LastStep()
+    net = TextLSTM()
     sparsifier = _sparsifier(0.6, module_types=["Embedding", "LSTM", "Linear"], exclude=["*head*"])
     with warnings.catch_warnings():
         warnings.simplefilter("error", SelectionWarning)  # nothing matched is left out
-        quiet_trainer([sparsifier], max_epochs=3).fit(Task(net, lm=False), _tokens())
+        quiet_trainer([sparsifier], max_epochs=3).fit(Task(net), _tokens())
     names = {t.name for t in sparsifier.targets}
     assert {"net.embedding.weight", "net.lstm.weight_ih_l0", "net.lstm.weight_hh_l0"} <= names
     total = sum(t.tensor.numel() for t in sparsifier.targets)
@@ -146,43 +101,41 @@ def test_lstm_and_embedding_selected_by_type_keep_their_masks_through_training()
     assert zeros == round(0.6 * total)  # set at step 0, still exact after 3 epochs of AdamW
 
 
-class QKVO(nn.Module):
-    """A hand-written attention block: q/k/v/o Linear layers and ``F.scaled_dot_product_attention``."""
-
-    def __init__(self, dim: int = 16, heads: int = 4) -> None:
-        super().__init__()
-        self.heads = heads
-        self.embed = nn.Linear(8, dim)
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.head = nn.Linear(dim, 3)
-
-    def forward(self, x):
-        h = self.embed(x)
-        b, t, d = h.shape
-
-        def split(z):
-            return z.view(b, t, self.heads, -1).transpose(1, 2)
-
-        a = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)))
-        return self.head(self.o(a.transpose(1, 2).reshape(b, t, -1)).mean(1))
-
-
-def test_compaction_that_changes_the_outputs_stops_the_run_naming_a_layer():
+def test_attention_compaction_that_would_change_the_outputs_is_refused_before_training():
     """Issue 13: compacting attention unevenly across heads changed the logits by up to 3.1 with
-    no word; now compaction compares itself with the masked model and raises."""
-    from plugins.core.errors import CompactionMismatch
+    no word. A dry run of compaction in setup now refuses it, naming the first changed layer, and
+    the compaction after training checks itself the same way (CompactionMismatch)."""
+    from plugins.core.errors import ConfigError
     from plugins.pruning.structured import StructuredPruning
 
     torch.manual_seed(0)
-    net = QKVO()
     pruning = StructuredPruning(
-        method="l1", amount=0.25, include=["net.q.weight", "net.k.weight", "net.v.weight"], compact=True, example_input_shape=[2, 5, 8]
+        method="l1",
+        amount=0.25,
+        include=["net.q.weight", "net.k.weight", "net.v.weight"],
+        compact=True,
+        example_input_shape=[2, 5, 8],
     )
     x = torch.randn(32, 5, 8)
     data = DataLoader(TensorDataset(x, torch.randint(0, 3, (32,))), batch_size=8)
-    task = Task(net, lm=False)
-    with pytest.raises(CompactionMismatch, match=r"first at net\.\w+"):
-        quiet_trainer([pruning], max_epochs=1).fit(task, data)
+    trainer = quiet_trainer([pruning], max_epochs=1)
+    with pytest.raises(ConfigError, match=r"^pruning.compact=True is not allowed: false for this model: .* first at net\.o"):
+        trainer.fit(Task(QKVO()), data)
+    assert trainer.global_step == 0  # refused before any training step
+
+
+def test_compaction_checks_itself_after_training():
+    from plugins.core.errors import CompactionMismatch
+    from plugins.pruning.compaction import compact
+
+    torch.manual_seed(0)
+    net = QKVO()
+    with torch.no_grad():
+        for layer in (net.q, net.k, net.v):  # three channels of head 0: the heads regroup once removed
+            layer.weight[:3] = 0
+            layer.bias[:3] = 0
+    with pytest.raises(CompactionMismatch, match=r"no longer runs \(RuntimeError: shape"):
+        compact(net, torch.randn(2, 5, 8), measure=False)
 
 
 @pytest.mark.parametrize("options,why", [({"dim": 2}, "dim=2 prunes slices that are not channels"), ({"couple": False}, "couple=false")])
@@ -193,4 +146,49 @@ def test_compaction_that_would_remove_nothing_says_why_before_training(options, 
 
     pruning = StructuredPruning(amount=0.5, compact=True, example_input_shape=[2, 1, 6], exclude=["net.7.*"], **options)
     with pytest.warns(CompactionWarning, match=f"pruning.compact=true will remove nothing: {why}"):
-        pruning.setup(None, Task(conv1d_net(), lm=False), "fit")
+        pruning.setup(None, Task(conv1d_net()), "fit")
+
+
+# --- every plugin on every model of the zoo ------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ZOO, ids=[m.name for m in ZOO])
+def test_unstructured_80_percent_on_every_zoo_model(model: ZooModel, tmp_path):
+    """Exactly round(0.8 n) zeros after 3 more AdamW steps, a checkpoint that reloads the same
+    outputs, and model.pt2 exported or the reason recorded."""
+    pytest.importorskip("transformers")
+    from runner.outputs import export_program
+
+    plugin = _sparsifier(0.8, module_types=model.sparse_types)
+    task, trainer, x = fit_zoo(model, plugin, tmp_path, epochs=2)
+    total = sum(t.tensor.numel() for t in plugin.targets)
+    assert sum(int((t.tensor == 0).sum()) for t in plugin.targets) == round(0.8 * total)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    fresh = Task(model.build())
+    fresh.load_state_dict(torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"])
+    task.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), task(x))
+    reason = export_program(task.net, x, tmp_path / "model.pt2")
+    assert (tmp_path / "model.pt2").is_file() if reason is None else reason.strip()
+
+
+@pytest.mark.parametrize("model", ZOO, ids=[m.name for m in ZOO])
+def test_half_of_the_channels_compacted_exactly_or_refused_before_training(model: ZooModel, tmp_path):
+    """Either compaction is exact (it checks itself on the example batch) with exactly half of each
+    unit's slices gone, or the run is refused before its first step with one line."""
+    pytest.importorskip("transformers")
+    from plugins.core.errors import ConfigError
+    from plugins.pruning.structured import StructuredPruning
+
+    plugin = StructuredPruning(amount=0.5, compact=True, exclude=model.head)
+    try:
+        fit_zoo(model, plugin, tmp_path)
+    except ConfigError as err:
+        message = str(err)
+        assert "\n" not in message and message.startswith("pruning."), message
+        assert plugin.last_step == -1  # no update: refused in setup
+        return
+    for group in plugin.groups:
+        assert plugin.history[-1][f"kept/{group.name}"] == group.size - round(0.5 * group.size)
+    assert plugin.compaction["params_after"] < plugin.compaction["params_before"]

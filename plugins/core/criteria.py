@@ -7,7 +7,7 @@ Pure functions of tensors, testable without a Trainer.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,17 @@ class Criterion(ABC):
     @abstractmethod
     def scores(self, group: Group, keep: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One score per element."""
+
+    def prepare(self, groups: list[Group]) -> None:  # noqa: B027 - optional, most criteria need nothing
+        """Called once in ``setup`` with the groups, before training: refuse (ConfigError) a group
+        this criterion cannot score, e.g. one without the norm layer that BN-scale reads."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the criterion accumulates between updates (for the checkpoint); nothing by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional
+        """Restore :meth:`state_dict`."""
 
     def observe(self, groups: list[Group]) -> None:  # noqa: B027 - optional, most criteria need nothing
         """Called after each backward pass (gradients are in ``.grad``): accumulate what scores need."""

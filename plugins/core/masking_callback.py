@@ -124,6 +124,7 @@ class MaskingCallback(PluginCallback):
         self.check_targets(targets)
         self.groups = self.masks.groups(trainer, pl_module, targets, self.key)
         self.allocation.prepare(self.groups)
+        self.criterion.prepare(self.groups)
         self._check_peak()
         self.masks.install(self.groups, self.key)
         self.targets = targets
@@ -173,6 +174,7 @@ class MaskingCallback(PluginCallback):
             "history": list(self.history),
             "seed": self.seed,
             "cuts": {name: [cut.count, cut.threshold] for name, cut in self.cuts.items()},
+            "criterion": self.criterion.state_dict(),  # what it accumulated since the last update
         }
 
     @override
@@ -182,6 +184,7 @@ class MaskingCallback(PluginCallback):
         if state_dict.get("seed") is not None:
             self.seed = int(state_dict["seed"])
         self.cuts = {name: Cut(int(c), float(t)) for name, (c, t) in state_dict.get("cuts", {}).items()}
+        self.criterion.load_state_dict(state_dict.get("criterion", {}))
 
     # --- the decision -----------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from plugins.core.errors import CompactionWarning, ConfigError
 from plugins.core.mask_mechanism import MaskMechanism
 from plugins.core.selection import Target
 from plugins.pruning.compaction import compact
+from plugins.pruning.dry_run import refuse_inexact_compaction
 from plugins.pruning.units import build_units, example_inputs, kept_slices, refuse_unbaked_constraints, settle
 
 __all__ = ["SliceMasks"]
@@ -49,6 +50,8 @@ class SliceMasks(MaskMechanism):
         self.exclude = list(exclude)
         self.example: Any = None
         self.key = "pruning"
+        #: (amount, count) at the schedule's peak, for the dry run of compaction in ``setup``.
+        self.peak: tuple[float, bool] | None = None
 
     def groups(self, trainer, pl_module, targets, key):
         self.key = key
@@ -59,7 +62,10 @@ class SliceMasks(MaskMechanism):
             _warn_if_nothing_to_remove(self.dim, self.couple, key)
         if self.compact or (self.couple and self.dim == 0):
             self.example = example_inputs(trainer, pl_module, self.example_input_shape, key)
-        return build_units(pl_module, targets, self.dim, self.couple, self.example, key, self.exclude)
+        groups = build_units(pl_module, targets, self.dim, self.couple, self.example, key, self.exclude)
+        if self.compact and self.peak is not None:
+            refuse_inexact_compaction(pl_module, groups, self.dim, self.example, *self.peak, key)
+        return groups
 
     def _resolve_dim(self, targets: list[Target], key: str) -> None:
         """``dim`` must be a dimension of every target. A negative ``dim`` means its positive alias

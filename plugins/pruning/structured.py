@@ -1,9 +1,11 @@
 """Structured pruning on a schedule: whole slices (channels) of conv and linear weights.
 
-``method`` names a criterion (:mod:`plugins.core.criteria`: random, l1, l2) and ``allocation`` how
-the amount splits across units (:mod:`plugins.core.allocation`: layer, global). The scheduled
-value is the fraction of slices pruned (a float in [0, 1]) or, when ``schedule.end`` is an
-integer, their count. Pruning only grows: a pruned slice stays pruned when the schedule goes down.
+``method`` names a criterion (:mod:`plugins.core.criteria`: random, l1, l2;
+:mod:`plugins.pruning.criteria`: taylor, bn_scale, fpgm) and ``allocation`` how the amount splits
+across units (:mod:`plugins.core.allocation`: layer, global; :mod:`plugins.sparsity.budgets`:
+lamp). The scheduled value is the fraction of slices pruned (a float in [0, 1]) or, when
+``schedule.end`` is an integer, their count. Pruning only grows: a pruned slice stays pruned when
+the schedule goes down.
 
 With ``dim=0`` the units are dependency groups (:mod:`plugins.pruning.slice_masks`): residual
 additions share one mask, biases and norms follow, so the masked model equals its compacted twin.
@@ -20,7 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 from plugins.core.allocation import ALLOCATIONS
-from plugins.core.criteria import CRITERIA
+from plugins.core.arguments import accepted_arguments
+from plugins.core.criteria import CRITERIA, Criterion
 from plugins.core.errors import ConfigError, is_number
 from plugins.core.masking_callback import MaskingCallback
 from plugins.core.schedules import Schedule, build_schedule
@@ -42,7 +45,8 @@ class StructuredPruning(MaskingCallback):
     trace of the model in ``setup`` when coupling or compacting.
 
     Args:
-        method: a registered criterion (:data:`plugins.core.criteria.CRITERIA`): ``random``, ``l1``, ``l2``.
+        method: a registered criterion (:data:`plugins.core.criteria.CRITERIA`): ``random``, ``l1``,
+            ``l2``, ``taylor``, ``bn_scale``, ``fpgm`` (docs/methods.md).
         schedule: a :class:`Schedule` or a mapping; its value is the fraction of slices pruned in
             [0, 1], or a count when ``schedule.end`` is an integer.
         amount: shortcut for a constant schedule from epoch 0 (give this or ``schedule``).
@@ -57,9 +61,12 @@ class StructuredPruning(MaskingCallback):
         example_input_shape: input shape for tracing when the module has no
             ``example_input_array`` and no datamodule to take a batch from.
         allocation: a registered allocation (:data:`plugins.core.allocation.ALLOCATIONS`): ``layer``
-            (the same fraction in every unit) or ``global`` (one threshold over all units' scores).
+            (the same fraction in every unit), ``global`` (one threshold over all units' scores) or
+            ``lamp`` (one threshold over the scores normalized per unit).
         bake_at_end: remove the mask parametrizations at the end of ``fit``.
         key: the config key named in errors and logged metrics.
+        regularize: the L1 penalty on the norm scales during training (network slimming), for a
+            criterion that takes one (``bn_scale``); 0 = none.
     """
 
     targets_key = ""  # include, exclude and module_types are this callback's own arguments
@@ -80,9 +87,11 @@ class StructuredPruning(MaskingCallback):
         allocation: str = "layer",
         bake_at_end: bool = True,
         key: str = "pruning",
+        regularize: float = 0.0,
     ) -> None:
-        criterion = CRITERIA.get(method, f"{key}.method")()
+        criterion = _criterion(method, regularize, key)
         allocator = ALLOCATIONS.get(allocation, f"{key}.allocation")()
+        allocator.key = f"{key}.allocation"  # where an allocation's refusal in setup points
         if (schedule is None) == (amount is None):
             raise ConfigError(f"{key}.amount", amount, "either amount or schedule, not both and not neither")
         if amount is not None:
@@ -108,6 +117,7 @@ class StructuredPruning(MaskingCallback):
             key=key,
         )
         self.method = method
+        self.masks.peak = (max(schedule.start, schedule.end), count)
 
     @property
     def dim(self) -> int:
@@ -136,6 +146,25 @@ class StructuredPruning(MaskingCallback):
                 if k in self.report
             }
         return out
+
+
+def _criterion(method: Any, regularize: Any, key: str) -> Criterion:
+    """The ``method`` criterion, with ``regularize`` when it is not 0 (only a criterion that takes a
+    penalty accepts one)."""
+    entry = CRITERIA.get(method, f"{key}.method")
+    if not is_number(regularize) or regularize < 0:
+        raise ConfigError(f"{key}.regularize", regularize, "a finite number >= 0 (0 = no penalty)")
+    if not regularize:
+        criterion = entry()
+    elif "regularize" in accepted_arguments(entry)[0]:
+        criterion = CRITERIA.build(method, {"regularize": float(regularize)}, f"{key}.method")
+    else:
+        takes = [n for n in CRITERIA.names() if "regularize" in accepted_arguments(CRITERIA.get(n, key))[0]]
+        raise ConfigError(
+            f"{key}.regularize", regularize, f"0 with method={method} (a penalty needs method={' or '.join(takes)})"
+        )
+    criterion.key = f"{key}.method"  # where a criterion's refusal in setup points
+    return criterion
 
 
 def _check_options(key: str, dim: Any, seed: Any, couple: Any, compact: Any, example_input_shape: Any) -> None:
