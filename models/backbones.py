@@ -59,32 +59,59 @@ class DigitsCNN(nn.Module):
         return self.head(self.features(x))
 
 
-class FCN1d(nn.Module):
-    """Fully convolutional network for series (Wang et al. 2017): three conv-norm-ReLU blocks with
-    kernels 8, 5, 3, global average pooling, a linear head. Any series length."""
+class _SeriesNet(nn.Module):
+    """What the series networks share: checked widths and kernels, a trunk built by the subclass,
+    global average pooling over time and a linear head."""
+
+    #: widths when none are given; kernels are given once per layer (FCN) or once per block (ResNet)
+    default_widths: tuple[int, ...] = ()
+    kernels_per_width = False
 
     def __init__(
         self,
         in_channels: int = 1,
         num_classes: int = 2,
-        widths: Sequence[int] = (64, 128, 64),
+        widths: Sequence[int] | None = None,
         kernels: Sequence[int] = (8, 5, 3),
         norm: Norm | None = None,
     ) -> None:
         super().__init__()
-        norm = norm or NormFactory("batch")
-        widths = _check_widths("model.widths", widths)
-        kernels = _check_widths("model.kernels", kernels, len(widths))
+        widths = _check_widths("model.widths", self.default_widths if widths is None else widths)
+        count = len(widths) if self.kernels_per_width else None
+        kernels = _check_widths("model.kernels", kernels, count)
+        channels = self.build_trunk(in_channels, widths, kernels, norm or NormFactory("batch"))
+        self.head = nn.Linear(channels, num_classes)
+
+    def build_trunk(self, in_channels: int, widths: list[int], kernels: list[int], norm: Norm) -> int:
+        """Register the layers before the pooling; returns their output channels."""
+        raise NotImplementedError
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x).mean(dim=-1))
+
+
+class FCN1d(_SeriesNet):
+    """Fully convolutional network for series (Wang et al. 2017): three conv-norm-ReLU blocks with
+    kernels 8, 5, 3, global average pooling, a linear head. Any series length. Widths default to
+    (64, 128, 64)."""
+
+    default_widths = (64, 128, 64)
+    kernels_per_width = True
+
+    def build_trunk(self, in_channels: int, widths: list[int], kernels: list[int], norm: Norm) -> int:
         layers, channels = [], in_channels
         for i, (width, kernel) in enumerate(zip(widths, kernels, strict=True)):
             conv = nn.Conv1d(channels, width, kernel, padding="same", bias=False)
             layers.append(_block(conv, norm(width, 1, f"features.{i}.1")))
             channels = width
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(channels, num_classes)
+        return channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean(dim=-1))
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
 
 
 class ResidualBlock1d(nn.Module):
@@ -116,27 +143,19 @@ class ResidualBlock1d(nn.Module):
         return self.act(self.body(x) + self.shortcut(x))
 
 
-class ResNet1d(nn.Module):
-    """ResNet for series (Wang et al. 2017): residual blocks, global average pooling, linear head."""
+class ResNet1d(_SeriesNet):
+    """ResNet for series (Wang et al. 2017): residual blocks, global average pooling, linear head.
+    Widths default to (64, 128, 128)."""
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        num_classes: int = 2,
-        widths: Sequence[int] = (64, 128, 128),
-        kernels: Sequence[int] = (8, 5, 3),
-        norm: Norm | None = None,
-    ) -> None:
-        super().__init__()
-        norm = norm or NormFactory("batch")
-        widths = _check_widths("model.widths", widths)
-        kernels = _check_widths("model.kernels", kernels)
+    default_widths = (64, 128, 128)
+
+    def build_trunk(self, in_channels: int, widths: list[int], kernels: list[int], norm: Norm) -> int:
         blocks, channels = [], in_channels
         for i, width in enumerate(widths):
             blocks.append(ResidualBlock1d(channels, width, kernels, norm, f"blocks.{i}"))
             channels = width
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(channels, num_classes)
+        return channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(x).mean(dim=-1))
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
