@@ -41,7 +41,7 @@ class LogitsBeforeBake(L.Callback):
             self.logits = pl_module(self.x)
 
 
-def test_gpt2_tied_embeddings_stay_tied_masked_once_and_bake_exactly():
+def test_gpt2_tied_embeddings_stay_tied_masked_once_and_bake_exactly(tmp_path):
     """Issue 13, acceptance 3: 80% sparsity, logits before and after baking within 1e-6, the
     shared tensor counted once, ``lm_head.weight is wte.weight`` after training and baking."""
     transformers = pytest.importorskip("transformers")
@@ -65,6 +65,9 @@ def test_gpt2_tied_embeddings_stay_tied_masked_once_and_bake_exactly():
     with torch.no_grad():
         after = task(x)
     assert (after - probe.logits).abs().max().item() <= 1e-6
+    torch.save(lm, tmp_path / "model.pt")  # what train.py writes: the whole module
+    reloaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert reloaded.lm_head.weight is reloaded.transformer.wte.weight
 
 
 def test_transformer_encoder_attention_is_selected_by_default():
