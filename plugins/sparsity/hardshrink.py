@@ -92,7 +92,7 @@ class HardshrinkSparsifier(MaskingCallback):
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"{key}.mode", mode, f"one of {', '.join(MODES)}")
-        ALLOCATIONS.get(scope, f"{key}.scope")
+        by_scope = ALLOCATIONS.get(scope, f"{key}.scope")  # checked in threshold mode too
         if not isinstance(regrow, bool):
             raise ConfigError(f"{key}.regrow", regrow, "true or false")
         if not isinstance(bake_at_end, bool):
@@ -117,7 +117,7 @@ class HardshrinkSparsifier(MaskingCallback):
         super().__init__(
             schedule=schedule,
             criterion=L1(),  # on entries: |w|
-            allocation=FixedThreshold() if mode == "threshold" else ALLOCATIONS.get(scope, f"{key}.scope")(),
+            allocation=FixedThreshold() if mode == "threshold" else by_scope(),
             masks=EntryMasks(persistent=not regrow),
             include=targets.get("include", ("*weight*",)),
             exclude=targets.get("exclude", ()),
