@@ -144,9 +144,12 @@ ZOO = [
 ]
 
 
-def fit_zoo(model: ZooModel, plugin: L.Callback, root: str | Path, epochs: int = 1) -> tuple[Task, L.Trainer, torch.Tensor]:
-    """Train ``model`` with ``plugin`` for ``epochs`` of 2 batches of 8 on CPU (no logger, no
-    checkpoints); returns the task, the trainer and two example inputs."""
+def fit_zoo(
+    model: ZooModel, plugin: L.Callback, root: str | Path, epochs: int = 1, extra: list[L.Callback] = ()
+) -> tuple[Task, L.Trainer, torch.Tensor]:
+    """Train ``model`` with ``plugin`` (and ``extra`` callbacks after it) for ``epochs`` of 2
+    batches of 8 on CPU (no logger, no checkpoints); returns the task, the trainer and two example
+    inputs."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from tests.helpers import quiet_trainer
@@ -156,6 +159,6 @@ def fit_zoo(model: ZooModel, plugin: L.Callback, root: str | Path, epochs: int =
     y = torch.randint(0, CLASSES, (16,), generator=torch.Generator().manual_seed(1))
     task = Task(model.build())
     task.example_input_array = x[:2]
-    trainer = quiet_trainer([plugin], max_epochs=epochs, limit_train_batches=2, default_root_dir=str(root))
+    trainer = quiet_trainer([plugin, *extra], max_epochs=epochs, limit_train_batches=2, default_root_dir=str(root))
     trainer.fit(task, DataLoader(TensorDataset(x, y), batch_size=8))
     return task, trainer, x[:2]

@@ -56,6 +56,7 @@ __all__ = [
     "independent_copy",
     "kept_indices",
     "latency",
+    "side_by_side",
     "count",
 ]
 
@@ -171,7 +172,7 @@ def _prune_removable(
     return inexact
 
 
-def _side_by_side(dense: nn.Module, small: nn.Module, inputs: Any, repeats: int) -> dict[str, float]:
+def side_by_side(dense: nn.Module, small: nn.Module, inputs: Any, repeats: int) -> dict[str, float]:
     """Median latency of each, alternating so that load from other processes hits both alike."""
     t_dense, t_compact = [], []
     for _ in range(repeats):
@@ -249,7 +250,7 @@ def compact(
             "kept_indices": kept_indices(twin, shapes, steps, example_inputs),
         }
         if measure:
-            report.update(_side_by_side(dense, model, batch_of(example_inputs, batch_size), repeats))
+            report.update(side_by_side(dense, model, batch_of(example_inputs, batch_size), repeats))
     return model, report
 
 

@@ -48,4 +48,7 @@ def refuse_inexact_compaction(
             warnings.simplefilter("ignore", CompactionWarning)  # the real compaction warns
             compact(replica, example, measure=False, key=f"{key}.compact")
     except CompactionMismatch as err:
-        raise ConfigError(f"{key}.compact", True, f"false for this model: a dry run says {err}") from None
+        from plugins.pruning.attention import find_attention
+
+        hint = "; attention loses whole heads exactly with heads=true" if find_attention(pl_module) else ""
+        raise ConfigError(f"{key}.compact", True, f"false for this model: a dry run says {err}{hint}") from None

@@ -27,13 +27,16 @@ from plugins.core.criteria import CRITERIA, Criterion
 from plugins.core.errors import ConfigError, is_number
 from plugins.core.masking_callback import MaskingCallback
 from plugins.core.schedules import Schedule, build_schedule
+from plugins.pruning.head_masks import HeadMasks
 from plugins.pruning.slice_masks import SliceMasks
 from plugins.pruning.units import check_schedule_values
 
 __all__ = ["StructuredPruning", "PRUNABLE_TYPES"]
 
-#: The layers whose slices can be pruned, coupled and compacted (attention heads are not, yet).
+#: The layers whose slices can be pruned, coupled and compacted.
 PRUNABLE_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Linear")
+#: Criteria that score heads: the ones that read only the weights (:meth:`HeadGroup.weights`).
+HEAD_CRITERIA = ("random", "l1", "l2", "fpgm")
 
 
 class StructuredPruning(MaskingCallback):
@@ -67,6 +70,9 @@ class StructuredPruning(MaskingCallback):
         key: the config key named in errors and logged metrics.
         regularize: the L1 penalty on the norm scales during training (network slimming), for a
             criterion that takes one (``bn_scale``); 0 = none.
+        heads: prune whole attention heads instead of slices along ``dim``
+            (:mod:`plugins.pruning.head_masks`): one unit per attention module, one element per
+            head; compaction removes heads and keeps the head size (the softmax scale).
     """
 
     targets_key = ""  # include, exclude and module_types are this callback's own arguments
@@ -88,8 +94,13 @@ class StructuredPruning(MaskingCallback):
         bake_at_end: bool = True,
         key: str = "pruning",
         regularize: float = 0.0,
+        heads: bool = False,
     ) -> None:
         criterion = _criterion(method, regularize, key)
+        if not isinstance(heads, bool):
+            raise ConfigError(f"{key}.heads", heads, "true or false")
+        if heads and method not in HEAD_CRITERIA:
+            raise ConfigError(f"{key}.method", method, f"one of {', '.join(HEAD_CRITERIA)} with heads=true")
         allocator = ALLOCATIONS.get(allocation, f"{key}.allocation")()
         allocator.key = f"{key}.allocation"  # where an allocation's refusal in setup points
         if (schedule is None) == (amount is None):
@@ -103,11 +114,18 @@ class StructuredPruning(MaskingCallback):
         check_schedule_values(schedule, count, key, amount_given=amount is not None)
         _check_options(key, dim, seed, couple, compact, example_input_shape)
         exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+        shape = list(example_input_shape or []) or None
+        if heads:
+            masks = HeadMasks(compact, shape)
+            # Adapters say which tensors are heads' (MultiheadAttention, GPT-2's Conv1D): any owner.
+            module_types = None if tuple(module_types or ()) == PRUNABLE_TYPES else module_types
+        else:
+            masks = SliceMasks(dim, couple, compact, shape, exclude)
         super().__init__(
             schedule,
             criterion=criterion,
             allocation=allocator,
-            masks=SliceMasks(dim, couple, compact, list(example_input_shape or []) or None, exclude),
+            masks=masks,
             include=include,
             exclude=exclude,
             module_types=module_types,
@@ -117,6 +135,7 @@ class StructuredPruning(MaskingCallback):
             key=key,
         )
         self.method = method
+        self.heads = heads
         self.masks.peak = (max(schedule.start, schedule.end), count)
 
     @property
@@ -133,7 +152,7 @@ class StructuredPruning(MaskingCallback):
         return {f"kept/{g.name}": float(self.masks.current(g).sum()) for g in self.groups}
 
     def channels(self) -> dict[str, str]:
-        """Target name -> "kept/total" slices along ``dim``."""
+        """Target name -> "kept/total" slices along ``dim`` (attention module -> heads with ``heads``)."""
         return self.masks.channels(self.groups)
 
     def summary(self) -> dict[str, Any]:
