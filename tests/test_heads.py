@@ -136,3 +136,37 @@ def test_head_compaction_a_forward_cannot_follow_is_refused_before_training():
     with pytest.raises(ConfigError, match=r"^pruning.compact=True is not allowed: false for this model: a dry run"):
         trainer.fit(Task(FixedWidth()), data)
     assert trainer.global_step == 0
+
+
+def test_gpt2_head_compaction_keeps_the_embedding_tie_also_after_reloading(tmp_path):
+    model = next(m for m in ZOO if m.name == "gpt2")
+    plugin = StructuredPruning(amount=0.5, heads=True, compact=True, exclude=model.head)
+    task, _, x = fit_zoo(model, plugin, tmp_path)
+    lm = task.net
+    assert lm.transformer.h[0].attn.num_heads == 1
+    assert lm.lm_head.weight is lm.transformer.wte.weight
+    torch.save(lm, tmp_path / "model.pt")
+    reloaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert reloaded.lm_head.weight is reloaded.transformer.wte.weight
+
+
+class TiedPair(nn.Module):
+    """Two layers sharing one weight (an autoencoder's tied encoder and decoder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.dec, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.dec(torch.relu(self.enc(x)))))
+
+
+def test_channel_compaction_that_would_untie_weights_is_refused_before_training():
+    """Compaction used to untie shared tensors without a word; now the dry run names them."""
+    plugin = StructuredPruning(amount=0.25, compact=True, include=["net.enc.weight"], exclude=["*head*"], example_input_shape=[2, 8])
+    data = DataLoader(TensorDataset(torch.randn(16, 8), torch.randint(0, 3, (16,))), batch_size=8)
+    trainer = quiet_trainer([plugin], max_epochs=1)
+    with pytest.raises(ConfigError, match=r"^pruning.compact=True is not allowed: .*untied net.enc.weight and net.dec.weight"):
+        trainer.fit(Task(TiedPair()), data)
+    assert trainer.global_step == 0

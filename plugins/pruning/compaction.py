@@ -33,7 +33,7 @@ from torch import nn
 from plugins.core.errors import CompactionWarning, ConfigError
 from plugins.core.masks import bake
 from plugins.core.modes import evaluating
-from plugins.pruning.compaction_check import check_equal, outputs
+from plugins.pruning.compaction_check import check_equal, check_ties, outputs, tied_owners
 from plugins.pruning.dependency import (
     _RUNNING_STATS_NORMS,
     CONV_LINEAR,
@@ -226,8 +226,10 @@ def compact(
         _refuse_untraced(model, dg, key)
         before = _widths(dg, names)
         expected = outputs(model, example_inputs)
+        ties = tied_owners(model)
         inexact = _prune_removable(dg, names, steps)
         _fix_feature_counts(model)
+        check_ties(ties)
         check_equal(expected, model, example_inputs, inexact)
         if inexact:
             warnings.warn(

@@ -11,7 +11,7 @@ from torch import nn
 from plugins.core.errors import CompactionMismatch
 from plugins.pruning.dependency import call_with
 
-__all__ = ["outputs", "check_equal"]
+__all__ = ["outputs", "check_equal", "tied_owners", "check_ties"]
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:
@@ -72,3 +72,28 @@ def check_equal(
 
 def _differ(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
     return float((a - b).abs().max()) > tol
+
+
+def tied_owners(model: nn.Module) -> list[list[tuple[nn.Module, str, str]]]:
+    """The parameters owned by more than one module (tied weights), as lists of ``(module, attribute,
+    qualified name)``."""
+    owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is not None:
+                entry = (module, attr, f"{module_name}.{attr}" if module_name else attr)
+                if all(m is not module or a != attr for m, a, _ in owners.get(id(p), [])):
+                    owners.setdefault(id(p), []).append(entry)
+    return [group for group in owners.values() if len(group) > 1]
+
+
+def check_ties(ties: list[list[tuple[nn.Module, str, str]]]) -> None:
+    """Every tie found before compaction (:func:`tied_owners`) must hold after it."""
+    for group in ties:
+        first = getattr(group[0][0], group[0][1])
+        for module, attr, name in group[1:]:
+            if getattr(module, attr) is not first:
+                raise CompactionMismatch(
+                    f"compaction untied {group[0][2]} and {name} (tied weights): this structure cannot be "
+                    "compacted without changing what the model shares; leave their channels out"
+                )

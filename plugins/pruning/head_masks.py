@@ -24,7 +24,7 @@ from plugins.core.masks import bake, ensure_mask, get_mask, set_mask
 from plugins.core.modes import evaluating
 from plugins.pruning.attention import HeadStructure, Projection, find_attention
 from plugins.pruning.compaction import side_by_side
-from plugins.pruning.compaction_check import check_equal, outputs
+from plugins.pruning.compaction_check import check_equal, check_ties, outputs, tied_owners
 from plugins.pruning.dependency import independent_copy
 from plugins.pruning.measure import batch_of
 from plugins.pruning.units import example_inputs, refuse_unbaked_constraints
@@ -120,9 +120,10 @@ class HeadMasks(MaskMechanism):
             keeps.append(keep)
         try:
             with evaluating(replica):
-                expected = outputs(replica, self.example)
+                expected, ties = outputs(replica, self.example), tied_owners(replica)
                 for s, keep in zip(structures, keeps):
                     s.remove(keep, replica)
+                check_ties(ties)
                 check_equal(expected, replica, self.example, set())
         except CompactionMismatch as err:
             raise ConfigError(f"{self.key}.compact", True, f"false for this model: a dry run says {err}") from None
@@ -175,6 +176,7 @@ class HeadMasks(MaskMechanism):
         dense = copy.deepcopy(pl_module)
         params_before = sum(p.numel() for p in pl_module.parameters())
         plan: dict[str, dict[int, torch.Tensor]] = {}
+        ties = tied_owners(pl_module)
         with evaluating(pl_module):
             expected = outputs(pl_module, example)
             for group in groups:
@@ -186,6 +188,7 @@ class HeadMasks(MaskMechanism):
                     plan[f"{names[p.module]}.{p.tensor_name}"] = {p.axis: p.kept_indices(keep, s.head_dim)}
                 s.remove(keep, pl_module)
             try:
+                check_ties(ties)
                 check_equal(expected, pl_module, example, set())
             except CompactionMismatch as err:
                 raise CompactionMismatch(f"{self.key}.compact: {err}") from None
