@@ -195,3 +195,25 @@ def test_half_of_the_channels_compacted_exactly_or_refused_before_training(model
     for group in plugin.groups:
         assert plugin.history[-1][f"kept/{group.name}"] == group.size - round(0.5 * group.size)
     assert plugin.compaction["params_after"] < plugin.compaction["params_before"]
+
+
+@pytest.mark.parametrize("plugin", ["sparsity", "pruning", "constraints"])
+def test_sharded_strategies_are_refused_naming_the_strategy(plugin):
+    """FSDP shards each tensor across ranks; masks and thresholds act on whole tensors. Lightning
+    runs FSDP only on GPUs, so this is not verified: refused with one line, never silently wrong."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from plugins.constraints import WeightConstraints
+    from plugins.core.errors import ConfigError
+    from plugins.pruning.structured import StructuredPruning
+
+    callback = {
+        "sparsity": lambda: _sparsifier(0.5),
+        "pruning": lambda: StructuredPruning(amount=0.5),
+        "constraints": lambda: WeightConstraints([{"name": "non_negative", "include": ["*weight"]}]),
+    }[plugin]()
+    trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ConfigError, match=r"^trainer.strategy='FSDPStrategy' is not allowed: a strategy that keeps whole"):
+        callback.setup(trainer, Task(QKVO()), "fit")
