@@ -5,7 +5,9 @@
 
 Per model: its parameters; 80% unstructured sparsity (global hardshrink over its weight
 matrices): the zeros reached and whether ``model.pt2`` exports; 50% of the channels with
-compaction: the parameters after it, or the one-line refusal before training.
+compaction: the parameters after it, or the one-line refusal before training; 50% of the
+attention heads (``heads=true``) with compaction: the heads and parameters after it, the largest
+difference between the masked and the compact model's outputs on the example batch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,6 +56,27 @@ def structured(model: ZooModel, root: Path) -> str:
     return f"{done}, exact (checked on the example batch)"
 
 
+def heads(model: ZooModel, root: Path) -> str:
+    from plugins.core.modes import evaluating
+    from plugins.pruning.dependency import independent_copy
+
+    class Masked(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            self.model = independent_copy(pl_module)
+
+    masked = Masked()
+    plugin = StructuredPruning(amount=0.5, heads=True, compact=True, exclude=model.head)
+    try:
+        task, _, x = fit_zoo(model, plugin, root, extra=[masked])
+    except ConfigError as err:
+        return f"refused: `{str(err)[:100]}`"
+    with evaluating(task), evaluating(masked.model), torch.no_grad():
+        diff = float((task(x) - masked.model(x)).abs().max())
+    report = plugin.compaction
+    kept = sorted(set(report["heads"].values()))
+    return f"{'/'.join(kept)} heads per module, {report['params_before']} -> {report['params_after']} params, max diff {diff:.1e}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="print only, never overwrite the results")
@@ -60,14 +84,16 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     rows = [
-        "| model | parameters | 80% unstructured | model.pt2 | 50% of channels + compaction |",
-        "|---|---|---|---|---|",
+        "| model | parameters | 80% unstructured | model.pt2 | 50% of channels + compaction | 50% of heads + compaction |",
+        "|---|---|---|---|---|---|",
     ]
     for model in ZOO:
         with tempfile.TemporaryDirectory() as tmp:
             params = sum(p.numel() for p in model.build().parameters())
             zeros, export = unstructured(model, Path(tmp))
-            rows.append(f"| {model.name} | {params} | {zeros} | {export} | {structured(model, Path(tmp))} |")
+            rows.append(
+                f"| {model.name} | {params} | {zeros} | {export} | {structured(model, Path(tmp))} | {heads(model, Path(tmp))} |"
+            )
     table = "\n".join(rows) + "\n"
     print(table)
     if not args.quick:

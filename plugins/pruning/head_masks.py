@@ -140,7 +140,9 @@ class HeadMasks(MaskMechanism):
                 shape = p.expand(torch.ones(group.size, dtype=torch.bool), d, tensor.dim()).shape
                 ensure_mask(p.module, p.tensor_name, tuple(shape))
 
-    def apply(self, groups, keeps, optimizers=()):
+    def apply(self, groups, keeps, optimizers=(), regrow=False):
+        if regrow:
+            raise ValueError("head masks only drop: no method regrows heads")
         for group in groups:
             keep, d = keeps[group.name].reshape(-1), group.structure.head_dim
             for p in _projections(group):
