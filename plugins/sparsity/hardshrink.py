@@ -4,9 +4,10 @@
 elsewhere: applied to weights during training it is magnitude pruning by threshold. The schedule
 gives lambda directly (``mode="threshold"``) or a target fraction of zeros from which lambda is
 derived (``mode="sparsity"``), per tensor (``scope="layer"``) or one lambda over every selected
-tensor (``scope="global"``). The masks go through :mod:`plugins.core.masks` (shared with structured
-pruning), so zeros stay exactly zero with any optimizer, checkpoints hold sparse weights, and a
-resumed run continues the schedule with its masks.
+tensor (``scope="global"``). With ``pattern="N:M"`` the zeros form an N:M pattern instead
+(:mod:`plugins.sparsity.nm_pattern`). The masks go through :mod:`plugins.core.masks` (shared with
+structured pruning), so zeros stay exactly zero with any optimizer, checkpoints hold sparse
+weights, and a resumed run continues the schedule with its masks.
 
     from plugins.sparsity.hardshrink import HardshrinkSparsifier
     sparsifier = HardshrinkSparsifier(
@@ -33,6 +34,7 @@ from plugins.core.masking_callback import MaskingCallback
 from plugins.core.masks import sparsity
 from plugins.core.schedules import Schedule, build_schedule
 from plugins.core.selection import DEFAULT_MODULE_TYPES, Target
+from plugins.sparsity.nm_pattern import NMCost, NMMasks, nm_fraction, parse_pattern
 
 __all__ = ["HardshrinkSparsifier", "MODES"]
 
@@ -57,6 +59,14 @@ class HardshrinkSparsifier(MaskingCallback):
     ``{key}/lambda`` (the global lambda; per layer ``{key}/lambda/<name>`` with ``scope="layer"``)
     and ``{key}/layer/<name>``.
 
+    With ``pattern="N:M"`` (e.g. ``"2:4"``, mode sparsity only) the schedule's value is the
+    fraction of M-groups (M consecutive weights along dim 1) under the pattern, in [0, 1]: the
+    allocation cuts the ``round(f * groups)`` groups cheapest to pattern (the sum of their M - N
+    smallest ``|w|``), per tensor or over all, and each keeps its N largest ``|w|``; 1.0 makes
+    every selected tensor N:M, with (M - N) / M of its weights zero. A patterned group stays
+    patterned. Logs ``{key}/patterned`` (fraction of groups with at most N nonzeros) in place of
+    lambda. Cost: two sorts of M entries per group at each update (the cost, then the N kept).
+
     Args:
         schedule: a :class:`~plugins.core.schedules.Schedule` or a mapping (kind, start, end,
             begin_epoch, end_epoch, every_n_steps, steps). Lambda (>= 0) in threshold mode, the
@@ -70,10 +80,14 @@ class HardshrinkSparsifier(MaskingCallback):
         regrow: let pruned weights return between updates (no mask kept).
         bake_at_end: remove the mask parametrizations at the end of fit, keeping the zeros.
         key: names this callback in error messages, logged metrics and ``summary.json``.
+        pattern: ``"N:M"`` with ``0 < N < M``, or ``None`` (unstructured). Every selected
+            tensor's dim 1 must be a multiple of M (refused in ``setup`` otherwise). Threshold
+            mode is refused with a pattern: a lambda says nothing about which N of M stay.
 
     Composition (:class:`~plugins.core.masking_callback.MaskingCallback`): the schedule, the
     magnitude criterion, the ``scope`` allocation (or the fixed lambda in threshold mode) and
-    entry masks.
+    entry masks; with a pattern, the N:M cost criterion and N:M masks
+    (:class:`~plugins.sparsity.nm_pattern.NMCost`, :class:`~plugins.sparsity.nm_pattern.NMMasks`).
 
     Raises:
         ConfigError: for a bad mode, scope, schedule value or targets key (here), a selection that
@@ -89,9 +103,18 @@ class HardshrinkSparsifier(MaskingCallback):
         regrow: bool = False,
         bake_at_end: bool = True,
         key: str = "sparsity",
+        pattern: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"{key}.mode", mode, f"one of {', '.join(MODES)}")
+        nm = parse_pattern(pattern, f"{key}.pattern")
+        if nm is not None and mode == "threshold":
+            raise ConfigError(
+                f"{key}.mode",
+                mode,
+                f"sparsity with {key}.pattern={nm} (the schedule then gives the fraction of {nm.m}-groups "
+                "under the pattern): a lambda says nothing about which N of M stay",
+            )
         by_scope = ALLOCATIONS.get(scope, f"{key}.scope")  # checked in threshold mode too
         if not isinstance(regrow, bool):
             raise ConfigError(f"{key}.regrow", regrow, "true or false")
@@ -110,15 +133,19 @@ class HardshrinkSparsifier(MaskingCallback):
             value = getattr(schedule, end)
             if mode == "threshold" and value < 0:
                 raise ConfigError(f"{key}.schedule.{end}", value, "a lambda >= 0 (mode=threshold)")
-            if mode == "sparsity" and not 0 <= value < 1:
+            if nm is not None and not 0 <= value <= 1:
+                raise ConfigError(
+                    f"{key}.schedule.{end}", value, f"a fraction of {nm.m}-groups under the {nm} pattern, in [0, 1]"
+                )
+            if mode == "sparsity" and nm is None and not 0 <= value < 1:
                 raise ConfigError(
                     f"{key}.schedule.{end}", value, "a fraction of zeros in [0, 1) (mode=sparsity)"
                 )
         super().__init__(
             schedule=schedule,
-            criterion=L1(),  # on entries: |w|
+            criterion=L1() if nm is None else NMCost(nm),  # on entries |w|; on M-groups the pattern's cost
             allocation=FixedThreshold() if mode == "threshold" else by_scope(),
-            masks=EntryMasks(persistent=not regrow),
+            masks=EntryMasks(persistent=not regrow) if nm is None else NMMasks(nm, persistent=not regrow),
             include=targets.get("include", ("*weight*",)),
             exclude=targets.get("exclude", ()),
             module_types=targets.get("module_types", DEFAULT_MODULE_TYPES),
@@ -128,11 +155,14 @@ class HardshrinkSparsifier(MaskingCallback):
         self.mode = mode
         self.scope = scope
         self.regrow = regrow
+        self.pattern = nm
 
     @property
     def lambdas(self) -> dict[str, float]:
         """The lambda of the last update per tensor name: ``|w| <= lambda`` went (ties at it in
-        index order, to exactly k in sparsity mode)."""
+        index order, to exactly k in sparsity mode). None with a pattern: it cuts M-groups."""
+        if self.pattern is not None:
+            return {}
         return {name: max(cut.threshold, 0.0) for name, cut in self.cuts.items()}
 
     # --- the sparsifier ---------------------------------------------------------------------------
@@ -161,6 +191,8 @@ class HardshrinkSparsifier(MaskingCallback):
 
     @override
     def record(self) -> dict[str, float]:
+        if self.pattern is not None:
+            return {"patterned": nm_fraction([t.tensor for t in self.targets], self.pattern)}
         if self.mode == "threshold" or self.scope == "global":
             return {"lambda": next(iter(self.lambdas.values()), 0.0)}
         return {f"lambda/{name}": lam for name, lam in self.lambdas.items()}
@@ -170,13 +202,18 @@ class HardshrinkSparsifier(MaskingCallback):
     @override
     def summary(self) -> dict[str, Any]:
         """``{key}/target``, ``{key}/selected`` (reached over the selected weights),
-        ``{key}/selected_layers`` (name -> fraction of zeros), ``{key}/lambda``, mode and scope."""
+        ``{key}/selected_layers`` (name -> fraction of zeros), ``{key}/lambda``, mode and scope;
+        with a pattern also ``{key}/pattern`` ("2:4") and ``{key}/patterned`` (fraction of
+        M-groups with at most N nonzeros)."""
         out = super().summary()
         out[f"{self.key}/selected_layers"] = {t.name: sparsity([t.tensor]) for t in self.targets}
         out[f"{self.key}/lambda"] = dict(self.lambdas)
         out[f"{self.key}/mode"] = self.mode
         out[f"{self.key}/scope"] = self.scope
         out[f"{self.key}/updates"] = len(self.history)
+        if self.pattern is not None:
+            out[f"{self.key}/pattern"] = str(self.pattern)
+            out[f"{self.key}/patterned"] = nm_fraction([t.tensor for t in self.targets], self.pattern)
         return out
 
     def save_plots(self, directory: str | Path) -> list[Path]:
@@ -191,20 +228,22 @@ class HardshrinkSparsifier(MaskingCallback):
         directory.mkdir(parents=True, exist_ok=True)
         paths = [directory / f"{self.key}_schedule.png", directory / f"{self.key}_layers.png"]
         steps = [h["step"] for h in self.history]
-        reached = [h["sparsity"] for h in self.history]
+        # With a pattern the schedule's value is a fraction of M-groups: plot it against the same.
+        reached = [h["patterned" if self.pattern else "sparsity"] for h in self.history]
         values = [h["value"] for h in self.history]
+        what = f"{self.pattern.m}-groups under {self.pattern}" if self.pattern else "sparsity"
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.step(steps, reached, where="post", marker="o", label="reached sparsity")
+        ax.step(steps, reached, where="post", marker="o", label=f"reached {what}")
         if self.mode == "sparsity":
-            ax.plot(steps, values, "--", marker="x", label="target sparsity")
+            ax.plot(steps, values, "--", marker="x", label=f"target {what}")
         else:
             twin = ax.twinx()
             twin.plot(steps, values, "--", color="tab:orange", marker="x", label="lambda")
             twin.set_ylabel("lambda")
             twin.legend(loc="lower right")
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("fraction of zeros (selected weights)")
+        ax.set_ylabel(f"fraction of {what if self.pattern else 'zeros'} (selected weights)")
         ax.set_ylim(0, 1)
         ax.set_title(f"hardshrink, mode={self.mode}, scope={self.scope}")
         ax.legend(loc="upper left")
