@@ -4,7 +4,8 @@ A :class:`Group` is what is decided together: the entries of one tensor (hardshr
 slices along ``dim`` shared by a unit of tensors (structured pruning). :func:`decide` scores each
 group with the criterion, lets the allocation cut the scheduled amount into one :class:`Cut` per
 group, and keeps the rest. Already pruned elements score ``-inf``, so they stay pruned: pruning
-only grows.
+only grows. A method that regrows (RigL, SET) then calls :func:`regrow`, which turns back on, in
+each group, the inactive elements a second criterion scores highest.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from plugins.core.allocation import Allocation, Cut, cut_lowest, keep_after_cut
 from plugins.core.criteria import CRITERIA, Criterion
 from plugins.core.selection import Target
 
-__all__ = ["Group", "decide", "select_slices", "seeded_generator"]
+__all__ = ["Group", "decide", "mean_over_ranks", "regrow", "select_slices", "seeded_generator"]
 
 
 @dataclass
@@ -89,6 +91,56 @@ def decide(
         cuts[group.name] = cut
     keeps = {g.name: keep_after_cut(scores[g.name], cuts[g.name]) for g in groups}
     return cuts, keeps
+
+
+@torch.no_grad()
+def regrow(
+    groups: list[Group],
+    criterion: Criterion,
+    before: dict[str, torch.Tensor],
+    after: dict[str, torch.Tensor],
+    bounds: dict[str, int],
+    seed: int = 0,
+    update: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The keep vectors of an update that moves elements: ``after`` (flat, from :func:`decide`)
+    with some of its inactive elements turned back on, per group.
+
+    A group grows back as many elements as ``after`` newly dropped (against ``before``), but never
+    more than it holds pruned beyond ``bounds[name]``, the number its allocation leaves pruned (a
+    group without a bound grows nothing): the first update, which prunes down to the bound, grows
+    nothing, a later one as many as it dropped. Which ones: the highest ``criterion`` scores among
+    the inactive elements, those just dropped included (RigL's algorithm), scored with the inactive
+    elements as the ``keep`` argument (the ones in play) and a generator seeded apart from
+    :func:`decide`'s; exactly that many, ties at the cut in index order (the later indices grow).
+    """
+    out = {}
+    for index, group in enumerate(groups):
+        keep = after[group.name].reshape(-1)
+        dropped = int((before[group.name].reshape(-1).to(keep.device) & ~keep).sum())
+        pruned = int((~keep).sum())
+        k = min(dropped, pruned - bounds.get(group.name, pruned))
+        if k <= 0:
+            out[group.name] = keep
+            continue
+        generator = seeded_generator(seed, update, len(groups) + index)
+        scores = criterion.scores(group, ~keep, generator).reshape(-1).float().to(keep.device)
+        scores = torch.where(torch.isfinite(scores), scores, 0.0).masked_fill(keep, -math.inf)
+        # The k highest of the inactive: the cut of all the others.
+        chosen = keep_after_cut(scores, cut_lowest([scores], keep.numel() - k))
+        out[group.name] = keep | chosen
+    return out
+
+
+def mean_over_ranks(total: torch.Tensor) -> torch.Tensor:
+    """The mean over DDP ranks of a tensor each rank computed from its own batches (a gradient
+    captured outside DDP's reduction), so that every rank decides alike; the tensor itself without
+    a process group."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        total = total.clone()
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
+    return total
 
 
 def select_slices(

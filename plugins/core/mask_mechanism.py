@@ -1,5 +1,6 @@
 """The mask mechanism of a masking callback: how groups are formed from the selected tensors, how
-a decision reaches the weights (apply), how it holds between updates (keep) and how it ends (bake).
+a decision reaches the weights (apply, also regrowing), how it holds between updates (keep) and how
+it ends (bake).
 
 :class:`EntryMasks` masks single entries (hardshrink); the slice mechanism of structured pruning
 (:class:`plugins.pruning.slice_masks.SliceMasks`) adds coupling and compaction. Both write through
@@ -75,17 +76,32 @@ class MaskMechanism(ABC):
                 if self.persistent and get_mask(alias, alias_name) is None:
                     share_mask(alias, alias_name, get_mask(module, tensor_name))
 
-    def apply(self, groups: list[Group], keeps: dict[str, torch.Tensor], optimizers: list[Any] = ()) -> None:
-        """Zero what ``keeps`` drops (weights, optimizer state, and the mask when persistent)."""
+    def apply(
+        self, groups: list[Group], keeps: dict[str, torch.Tensor], optimizers: list[Any] = (), regrow: bool = False
+    ) -> None:
+        """Zero what ``keeps`` drops (weights, optimizer state, and the mask when persistent). With
+        ``regrow`` (persistent masks only) the masks become ``keeps``: what they turn back on starts
+        at zero with zeroed optimizer state (:func:`~plugins.core.masks.set_mask`)."""
+        if regrow and not self.persistent:
+            raise ValueError("regrowth needs persistent masks: without one nothing says what is off")
         for group in groups:
             keep = keeps[group.name]
             for module, tensor_name in self._tensors(group):
                 tensor = getattr(module, tensor_name)
                 shaped = keep.reshape(self.mask_shape(group, tensor)).to(tensor.device)
                 if self.persistent:
-                    set_mask(module, tensor_name, shaped, optimizers)
+                    set_mask(module, tensor_name, shaped, optimizers, regrow=regrow)
                 else:
                     prune_in_place(module, tensor_name, shaped, optimizers)
+
+    def capture_gradients(self, groups: list[Group], on: bool) -> None:
+        """Start (``on``, from zero) or stop and free the capture of each member's dense gradient
+        (:attr:`~plugins.core.masks.Mask.dense_grad`), for criteria that choose what grows back."""
+        for group in groups:
+            for member in group.members:
+                mask = get_mask(member.module, member.tensor_name)
+                if mask is not None:
+                    mask.capture, mask.dense_grad = on, None
 
     def finish(
         self, trainer: L.Trainer | None, pl_module: nn.Module, groups: list[Group], bake: bool

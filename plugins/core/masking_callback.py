@@ -7,8 +7,9 @@
 
 The shell selects the tensors, runs :func:`~plugins.core.decision.decide` when the schedule is due,
 logs, and keeps its position in ``state_dict`` (the masks travel in the checkpoint's
-``parametrizations``, see :mod:`plugins.core.checkpoint_form`). A new method is a new part, never a
-subclass overriding hooks: ``HardshrinkSparsifier`` and ``StructuredPruning`` only build parts.
+``parametrizations``, see :mod:`plugins.core.checkpoint_form`); with a ``grow`` criterion updates
+move elements (dynamic sparse training). A new method is a new part, never a subclass overriding
+hooks: ``HardshrinkSparsifier``, ``StructuredPruning`` and ``DynamicSparsifier`` only build parts.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from typing_extensions import override
 
 from plugins.core.allocation import Allocation, Cut
 from plugins.core.criteria import Criterion
-from plugins.core.decision import Group, decide
+from plugins.core.decision import Group, decide, regrow
 from plugins.core.errors import ConfigError
 from plugins.core.mask_mechanism import MaskMechanism
-from plugins.core.masks import sparsity
+from plugins.core.masks import get_mask, sparsity
 from plugins.core.plugin import PluginCallback
 from plugins.core.schedules import Schedule, build_schedule
 from plugins.core.selection import DEFAULT_MODULE_TYPES, Target, select_parameters
@@ -40,7 +41,8 @@ class MaskingCallback(PluginCallback):
 
     Cost per update: one criterion score and one exact k-th smallest per cut; between updates,
     one elementwise product per selected tensor in forward and backward with persistent masks,
-    none without.
+    none without. With ``grow``, one more score and cut per group at each update, and on those
+    steps one captured gradient per selected tensor.
 
     Args:
         schedule: a :class:`Schedule` or a mapping for :func:`build_schedule`.
@@ -54,6 +56,11 @@ class MaskingCallback(PluginCallback):
         count: the scheduled value is a count of elements per group, not a fraction.
         seed: seed of random criteria; ``None`` = the run's global seed (``PL_GLOBAL_SEED``).
         key: the config key that names this callback in error messages and logged metrics.
+        grow: regrowth (persistent masks): each update's cut is followed by
+            :func:`~plugins.core.decision.regrow` against ``allocation.bounds``. The first update
+            prunes before the first step; later ones run just before their step's optimizer step,
+            with the dense gradients its backward left in the masks (``Mask.dense_grad``). Logs
+            ``regrown``; sparsity is counted by mask (a grown weight is live at 0).
     """
 
     #: Where ``include``/``exclude``/``module_types`` sit under ``key`` in a config, for errors:
@@ -73,7 +80,10 @@ class MaskingCallback(PluginCallback):
         count: bool = False,
         seed: int | None = None,
         key: str = "sparsity",
+        grow: Criterion | None = None,
     ) -> None:
+        if grow is not None and not masks.persistent:
+            raise ConfigError(f"{key}.grow", type(grow).__name__, "none without persistent masks")
         self.key = key
         self.schedule = build_schedule(schedule, key=f"{key}.schedule")
         self.criterion = criterion
@@ -85,6 +95,10 @@ class MaskingCallback(PluginCallback):
         self.bake_at_end = bake_at_end
         self.count = count
         self.seed = seed
+        self.grow = grow
+        self.grown: dict[str, int] = {}
+        self.value: float | None = None
+        self._pending: tuple[int, int, float] | None = None  # a move waiting for its step's backward
         self.targets: list[Target] = []
         self.groups: list[Group] = []
         self.cuts: dict[str, Cut] = {}
@@ -125,6 +139,8 @@ class MaskingCallback(PluginCallback):
         self.groups = self.masks.groups(trainer, pl_module, targets, self.key)
         self.allocation.prepare(self.groups)
         self.criterion.prepare(self.groups)
+        if self.grow is not None:
+            self.grow.prepare(self.groups)
         self._check_peak()
         self.masks.install(self.groups, self.key)
         self.targets = targets
@@ -141,13 +157,36 @@ class MaskingCallback(PluginCallback):
         if not self.schedule.due(epoch, step, steps_per_epoch, epoch_start=batch_idx == 0):
             return
         value = self.schedule.value_at(epoch, step, steps_per_epoch)
-        self.apply(value, trainer.optimizers)
         self.last_step = step
-        self.history.append({"step": step, "epoch": epoch, "value": value, **self.reached()})
+        if self.grow is not None and self.history:
+            self._pending = (step, epoch, value)
+            self.masks.capture_gradients(self.groups, True)
+            return
+        self._update(step, epoch, value, trainer.optimizers)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A schedule in fractions of the run (dynamic sparsity's stop_fraction) learns its length.
+        if hasattr(self.schedule, "bind"):
+            self.schedule = self.schedule.bind(trainer.estimated_stepping_batches)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # A move: after its step's backward (the captured gradients), before the step, so that any
+        # checkpoint after this batch holds it; set_mask zeroes the gradients it drops.
+        if self._pending is not None:
+            step, epoch, value = self._pending
+            self._pending = None
+            self._update(step, epoch, value, trainer.optimizers)
+            self.masks.capture_gradients(self.groups, False)
 
     @override
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.criterion.observe(self.groups)  # gradient-based criteria accumulate here
+        if self.grow is not None:
+            self.grow.observe(self.groups)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -175,6 +214,7 @@ class MaskingCallback(PluginCallback):
             "seed": self.seed,
             "cuts": {name: [cut.count, cut.threshold] for name, cut in self.cuts.items()},
             "criterion": self.criterion.state_dict(),  # what it accumulated since the last update
+            "grow": self.grow.state_dict() if self.grow is not None else {},
         }
 
     @override
@@ -185,11 +225,20 @@ class MaskingCallback(PluginCallback):
             self.seed = int(state_dict["seed"])
         self.cuts = {name: Cut(int(c), float(t)) for name, (c, t) in state_dict.get("cuts", {}).items()}
         self.criterion.load_state_dict(state_dict.get("criterion", {}))
+        if self.grow is not None:
+            self.grow.load_state_dict(state_dict.get("grow", {}))
 
     # --- the decision -----------------------------------------------------------------------------
 
+    def _update(self, step: int, epoch: int, value: float, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.apply(value, optimizers)
+        self.history.append({"step": step, "epoch": epoch, "value": value, **self.reached()})
+
     def apply(self, value: float, optimizers: list[torch.optim.Optimizer] = ()) -> None:
-        """Decide for ``value`` and apply it to every group (zeroes weights and optimizer state)."""
+        """Decide for ``value`` and apply it to every group (zeroes weights and optimizer state);
+        with ``grow``, grow back what the update moves (grown entries start at 0, state zeroed)."""
+        update = len(self.history)  # in the checkpoint: the same on every rank and after resume
+        before = {g.name: self.masks.current(g).reshape(-1) for g in self.groups} if self.grow else {}
         self.cuts, keeps = decide(
             self.groups,
             self.criterion,
@@ -198,15 +247,29 @@ class MaskingCallback(PluginCallback):
             self.masks.current,
             count=self.count,
             seed=self.seed or 0,
-            update=len(self.history),  # in the checkpoint: the same on every rank and after resume
+            update=update,
         )
-        self.masks.apply(self.groups, keeps, optimizers)
+        if self.grow is not None:
+            bounds = self.allocation.bounds({g.name: g.size for g in self.groups}, value, self.count)
+            keeps = regrow(self.groups, self.grow, before, keeps, bounds, self.seed or 0, update)
+            self.grown = {n: int((keep & ~before[n].to(keep.device)).sum()) for n, keep in keeps.items()}
+        self.value = value
+        options = {"regrow": True} if self.grow is not None else {}  # mechanisms that never regrow omit it
+        self.masks.apply(self.groups, keeps, optimizers, **options)
 
     @torch.no_grad()
     def reached(self) -> dict[str, float]:
         """Sparsity actually reached, over all targets (and per target, cached for logging)."""
-        self._layer_sparsity = {t.name: sparsity([t.tensor]) for t in self.targets}
-        return {"sparsity": sparsity(t.tensor for t in self.targets), **self.record()}
+        self._layer_sparsity = {t.name: sparsity([self._zeros_of(t)]) for t in self.targets}
+        out = {"sparsity": sparsity(self._zeros_of(t) for t in self.targets), **self.record()}
+        if self.grow is not None:
+            out["regrown"] = float(sum(self.grown.values()))
+        return out
+
+    def _zeros_of(self, target: Target) -> torch.Tensor:
+        # With regrowth a grown weight is live at 0: its mask, not its value, says it is on.
+        mask = get_mask(target.module, target.tensor_name) if self.grow is not None else None
+        return target.tensor if mask is None else mask.mask.expand(target.raw.shape)
 
     def _check_peak(self) -> None:
         """Before training: no schedule value may prune a group below its ``min_keep`` elements."""

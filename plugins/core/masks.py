@@ -9,7 +9,10 @@ the order is fixed: constraints first, the mask last, so the mask is what the mo
 Zeros stay zero: :func:`set_mask` also zeroes the stored ``original`` and every optimizer state
 tensor at the masked positions. From then on the gradient there is zero (the mask multiplies it),
 so SGD with momentum or weight decay, Adam and AdamW all leave those entries exactly at zero, and a
-checkpoint written at any moment holds sparse weights.
+checkpoint written at any moment holds sparse weights. A method that regrows (RigL, SET) replaces
+the mask instead (``set_mask(..., regrow=True)``): the entries it turns on start at that exact zero,
+with zeroed optimizer state, and a :class:`Mask` can capture the dense gradient it needs to choose
+them (:attr:`Mask.capture`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,18 @@ __all__ = [
 
 
 class Mask(nn.Module):
-    """Parametrization ``x -> x * mask``; costs one elementwise product in forward and backward."""
+    """Parametrization ``x -> x * mask``; costs one elementwise product in forward and backward.
+
+    While :attr:`capture` is on, the gradient of the loss with respect to the output (the tensor
+    the module computes with) is summed into :attr:`dense_grad` at every backward pass: dense, also
+    where the mask is 0, unlike the stored tensor's ``.grad``, which the mask zeroes there. A
+    regrowing method switches it on for the steps that choose what grows (one tensor of the
+    weight's size while on).
+    """
+
+    # Class-level defaults: masks pickled before these existed still load.
+    capture: bool = False
+    dense_grad: torch.Tensor | None = None
 
     def __init__(
         self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32, device=None
@@ -48,7 +62,15 @@ class Mask(nn.Module):
         self.register_buffer("mask", torch.ones(shape, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.mask
+        out = x * self.mask
+        if self.capture and out.requires_grad:
+            out.register_hook(self._add_dense_grad)
+        return out
+
+    def _add_dense_grad(self, grad: torch.Tensor) -> None:
+        # A weight read several times in one forward (tied, or per head) sends one gradient per read.
+        grad = grad.detach()
+        self.dense_grad = grad.clone() if self.dense_grad is None else self.dense_grad + grad
 
     def right_inverse(self, x: torch.Tensor) -> torch.Tensor:
         # Assigning a weight keeps it as given; the mask applies on read.
@@ -132,19 +154,31 @@ def set_mask(
     tensor_name: str,
     keep: torch.Tensor,
     optimizers: Iterable[torch.optim.Optimizer] = (),
+    regrow: bool = False,
 ) -> None:
     """Drop the entries of ``module.tensor_name`` where ``keep`` is 0 (bool or 0/1, broadcastable).
 
     A mask only ever drops entries: ``keep`` is intersected with the mask already on the tensor, so
     two callbacks sharing a tensor (hardshrink and structured pruning) never bring back each
-    other's zeros. Also zeroes the stored weight and the optimizer state at the dropped positions,
-    so that nothing brings them back between updates.
+    other's zeros. Also zeroes the stored weight, its gradient and the optimizer state at the
+    dropped positions, so that nothing brings them back between updates (nor the optimizer step
+    that follows an update made between backward and step).
+
+    With ``regrow=True`` the mask becomes ``keep`` itself: entries it turns back on start from the
+    stored zero with zeroed optimizer state (and gradient); entries on before and after keep theirs.
     """
     mask = get_mask(module, tensor_name) or ensure_mask(module, tensor_name, tuple(keep.shape))
-    mask.mask.mul_((keep != 0).to(mask.mask).expand_as(mask.mask))
+    new = (keep != 0).to(mask.mask).expand_as(mask.mask)
+    if regrow:
+        kept = mask.mask * new  # on before and after: nothing of theirs changes
+        mask.mask.copy_(new)
+    else:
+        kept = mask.mask.mul_(new)
     for original in stored(module, tensor_name):
-        original.mul_(mask.mask)
-        zero_optimizer_state(optimizers, original, mask.mask)
+        original.mul_(kept)
+        if original.grad is not None:
+            original.grad.mul_(kept.to(original.grad))
+        zero_optimizer_state(optimizers, original, kept)
 
 
 @torch.no_grad()
