@@ -12,10 +12,12 @@ from plugins.core.selection import Target, select_parameters
 from plugins.norm import NormFactory, NormSwapReport, swap_norm
 from plugins.pruning.compaction import compact
 from plugins.pruning.structured import StructuredPruning
-from plugins.sparsity.hardshrink import HardshrinkSparsifier
+from plugins.sparsity import DynamicSparsifier, HardshrinkSparsifier, IterativeMagnitudePruning
 
 __all__ = [
     "HardshrinkSparsifier",
+    "DynamicSparsifier",
+    "IterativeMagnitudePruning",
     "ConfigError",
     "Mask",
     "bake",

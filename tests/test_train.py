@@ -86,8 +86,11 @@ def test_every_experiment_runs_one_short_step(tmp_path: Path, name: str):
     sparsity, a pruner its channel counts (compacted when asked), constraints hold after every
     step, the norm kind named is the norm in the model; and a plain run reports no plugin."""
     cfg = compose_config([f"+experiment={name}"])
-    scheduled = [g for g in ("sparsity", "pruning") if cfg.get(g)]
+    scheduled = [g for g in ("sparsity", "pruning") if cfg.get(g) and "schedule" in cfg[g]]
     squeeze = [f"{g}.schedule.{k}=0" for g in scheduled for k in ("begin_epoch", "end_epoch")]
+    rounds = bool(cfg.get("sparsity")) and "rounds" in cfg.sparsity  # IMP: its rounds fill the run
+    if rounds:  # two rounds of one epoch: one prune and rewind, then the ticket's round
+        squeeze += ["sparsity.rounds=2", "sparsity.epochs_per_round=1", "sparsity.rewind_epoch=0", "trainer.max_epochs=2"]
     summary = run_train_inprocess([f"+experiment={name}", *FAST, *squeeze], tmp_path)
     net = torch.load(tmp_path / "model.pt", weights_only=False)
     assert summary["data"] == (cfg.data.get("name") or "digits") and summary["seed"] == cfg.seed
@@ -96,7 +99,12 @@ def test_every_experiment_runs_one_short_step(tmp_path: Path, name: str):
     norms = {type(m).__name__ for m in net.modules() if "Norm" in type(m).__name__}
     assert summary["norm"] == cfg.norm.kind and norms and all(cfg.norm.kind in n.lower() for n in norms), norms
 
-    if cfg.get("sparsity"):
+    if rounds:
+        target = cfg.sparsity.prune_fraction
+        assert summary["sparsity/target"] == pytest.approx(target) and summary["sparsity/round"] == 1
+        assert abs(summary["sparsity/selected"] - target) < 1e-3 and abs(summary["sparsity/global"] - target) < 1e-3
+        assert summary["params/nonzero"] < summary["params/total"]
+    elif cfg.get("sparsity"):
         target = cfg.sparsity.schedule.end
         assert summary["sparsity/target"] == target and summary["sparsity/mode"] == cfg.sparsity.mode
         assert abs(summary["sparsity/selected"] - target) < 1e-3 and abs(summary["sparsity/global"] - target) < 1e-3
@@ -116,7 +124,7 @@ def test_every_experiment_runs_one_short_step(tmp_path: Path, name: str):
         assert {label.rsplit("/", 1)[1] for label in violations} == {rule.name for rule in cfg.constraints.rules}
         assert summary["constraints/max_violation"] == max(violations.values()) <= 1e-4, violations
         assert summary["constraints/projections"] == 3  # after each of the epoch's 3 optimizer steps
-    if not (scheduled or cfg.get("constraints")):
+    if not (scheduled or rounds or cfg.get("constraints")):
         assert not [k for k in summary if k.split("/")[0] in ("sparsity", "pruning", "constraints", "compaction")
                     and k not in ("sparsity/global", "sparsity/layers")]
         assert summary["params/nonzero"] == summary["params/total"] and summary["sparsity/global"] == 0.0

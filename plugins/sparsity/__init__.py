@@ -1,9 +1,13 @@
-"""Unstructured sparsity: scheduled hardshrink (threshold or target-sparsity mode, GMP).
+"""Unstructured sparsity: scheduled hardshrink (threshold or target-sparsity mode, GMP, N:M
+patterns), dynamic sparse training (RigL, SET) and iterative magnitude pruning with rewinding.
 
-Importing this package registers its allocations (erk, lamp) in ``ALLOCATIONS``.
+Importing this package registers its allocations (erk, lamp) in ``ALLOCATIONS`` and the
+``dense_gradient`` criterion in ``CRITERIA``.
 """
 
 from plugins.sparsity import budgets  # noqa: F401 - registers erk and lamp
+from plugins.sparsity.dynamic import DynamicSparsifier
 from plugins.sparsity.hardshrink import HardshrinkSparsifier
+from plugins.sparsity.rewinding import IterativeMagnitudePruning
 
-__all__ = ["HardshrinkSparsifier"]
+__all__ = ["HardshrinkSparsifier", "DynamicSparsifier", "IterativeMagnitudePruning"]
