@@ -12,12 +12,13 @@ from plugins.core.selection import Target, select_parameters
 from plugins.norm import NormFactory, NormSwapReport, swap_norm
 from plugins.pruning.compaction import compact
 from plugins.pruning.structured import StructuredPruning
-from plugins.sparsity import DynamicSparsifier, HardshrinkSparsifier, IterativeMagnitudePruning
+from plugins.sparsity import DynamicSparsifier, HardshrinkSparsifier, IterativeMagnitudePruning, STRSparsifier
 
 __all__ = [
     "HardshrinkSparsifier",
     "DynamicSparsifier",
     "IterativeMagnitudePruning",
+    "STRSparsifier",
     "ConfigError",
     "Mask",
     "bake",

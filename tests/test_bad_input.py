@@ -176,7 +176,7 @@ PLUGINS = [
         "pruning=l1", "pruning.schedule.end=1.0", "pruning.schedule.begin_epoch=0", "pruning.schedule.end_epoch=0",
         key="pruning.schedule.end", says="an amount that leaves at least one of the",
     ),
-    mistake("pruning=l1", "pruning.method=magic", says="pruning.method='magic' is not allowed: one of the registered pruning criterions: bn_scale, fpgm, l1, l2, random, taylor"),
+    mistake("pruning=l1", "pruning.method=magic", says="pruning.method='magic' is not allowed: one of the registered pruning criterions: bn_scale, dense_gradient, fpgm, l1, l2, random, taylor"),
     mistake("pruning=l1", "pruning.include=[nomatch*]", says="pruning.include='nomatch*'"),
     mistake(
         "constraints=non_negative", "constraints.rules.0.name=positive",

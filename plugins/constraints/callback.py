@@ -9,7 +9,8 @@
     trainer = L.Trainer(callbacks=[constraints, sparsifier])   # constraints before masks
 
 Without Lightning (a model transform): ``constraints.apply(model)``, then
-``constraints.project()`` after each ``optimizer.step()`` and ``constraints.bake()`` at the end.
+``constraints.control()`` before and ``constraints.project()`` after each ``optimizer.step()``, and
+``constraints.bake()`` at the end.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ class WeightConstraints(PluginCallback):
     rule sets ``allow_masked: true``.
 
     Logs at each epoch end (and every ``log_every_n_steps`` steps when set) through
-    ``pl_module.log_dict``: ``{key}/<tensor>/<constraint>`` and ``{key}/max_violation``.
+    ``pl_module.log_dict``: ``{key}/<tensor>/<constraint>`` and ``{key}/max_violation``; for a
+    constraint with a target (``learned_mask``), also ``{key}/<tensor>/<constraint>/closed``. Before
+    every optimizer step, such constraints take one control step (:meth:`control`).
 
     Args:
         rules: a list of ``{name, include, exclude, module_types, args, allow_masked}``: ``name``
@@ -186,6 +189,17 @@ class WeightConstraints(PluginCallback):
         self.baked = True
         return count
 
+    def control(self) -> None:
+        """One control step of every constraint with a target (a learned mask's ``target``), once
+        per optimizer step; the Lightning hook calls it, a plain training loop calls it before
+        each ``optimizer.step()``."""
+        if self.baked:
+            return
+        for a in self.applied:
+            adapt = getattr(a.constraint, "control_", None)
+            if adapt is not None:
+                adapt()
+
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Project after every ``optimizer.step()`` (a step post-hook); :meth:`detach` removes it."""
         if any(isinstance(c, Constraint) and c.projects for c in (a.constraint for a in self.applied)):
@@ -213,6 +227,12 @@ class WeightConstraints(PluginCallback):
         self.detach()
         for optimizer in trainer.optimizers:
             self.attach(optimizer)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self.control()
 
     @override
     def on_train_batch_end(
@@ -253,6 +273,9 @@ class WeightConstraints(PluginCallback):
             return
         metrics = {f"{self.key}/{label}": v for label, v in values.items()}
         metrics[f"{self.key}/max_violation"] = max(values.values())
+        for a in self.applied:
+            controlled = getattr(a.constraint, "controlled", None)
+            metrics.update({f"{self.key}/{a.label}/{k}": v for k, v in (controlled() if controlled else {}).items()})
         pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=False)
 
     # --- run outputs ------------------------------------------------------------------------------

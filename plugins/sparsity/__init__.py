@@ -1,5 +1,5 @@
 """Unstructured sparsity: scheduled hardshrink (threshold or target-sparsity mode, GMP, N:M
-patterns), dynamic sparse training (RigL, SET) and iterative magnitude pruning with rewinding.
+patterns), dynamic sparse training (RigL, SET), learned thresholds (STR) and iterative magnitude pruning with rewinding.
 
 Importing this package registers its allocations (erk, lamp) in ``ALLOCATIONS`` and the
 ``dense_gradient`` criterion in ``CRITERIA``.
@@ -9,5 +9,6 @@ from plugins.sparsity import budgets  # noqa: F401 - registers erk and lamp
 from plugins.sparsity.dynamic import DynamicSparsifier
 from plugins.sparsity.hardshrink import HardshrinkSparsifier
 from plugins.sparsity.rewinding import IterativeMagnitudePruning
+from plugins.sparsity.str import STRSparsifier
 
-__all__ = ["HardshrinkSparsifier", "DynamicSparsifier", "IterativeMagnitudePruning"]
+__all__ = ["HardshrinkSparsifier", "DynamicSparsifier", "IterativeMagnitudePruning", "STRSparsifier"]
