@@ -74,7 +74,8 @@ def heads(model: ZooModel, root: Path) -> str:
         diff = float((task(x) - masked.model(x)).abs().max())
     report = plugin.compaction
     kept = sorted(set(report["heads"].values()))
-    return f"{'/'.join(kept)} heads per module, {report['params_before']} -> {report['params_after']} params, max diff {diff:.1e}"
+    params = f"{report['params_before']} -> {report['params_after']} params"
+    return f"{'/'.join(kept)} heads per module, {params}, max diff {diff:.1e}"
 
 
 def main() -> None:
@@ -84,16 +85,16 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     rows = [
-        "| model | parameters | 80% unstructured | model.pt2 | 50% of channels + compaction | 50% of heads + compaction |",
+        "| model | parameters | 80% unstructured | model.pt2 | 50% of channels + compaction"
+        " | 50% of heads + compaction |",
         "|---|---|---|---|---|---|",
     ]
     for model in ZOO:
         with tempfile.TemporaryDirectory() as tmp:
             params = sum(p.numel() for p in model.build().parameters())
             zeros, export = unstructured(model, Path(tmp))
-            rows.append(
-                f"| {model.name} | {params} | {zeros} | {export} | {structured(model, Path(tmp))} | {heads(model, Path(tmp))} |"
-            )
+            cells = [model.name, params, zeros, export, structured(model, Path(tmp)), heads(model, Path(tmp))]
+            rows.append("| " + " | ".join(map(str, cells)) + " |")
     table = "\n".join(rows) + "\n"
     print(table)
     if not args.quick:

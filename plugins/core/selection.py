@@ -11,6 +11,7 @@ import fnmatch
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +20,14 @@ from torch.nn.utils import parametrize
 from plugins.core.errors import ConfigError, SelectionWarning
 from plugins.core.masks import stored
 
-__all__ = ["Target", "DEFAULT_MODULE_TYPES", "select_parameters", "resolve_module_types"]
+__all__ = [
+    "Target",
+    "DEFAULT_MODULE_TYPES",
+    "TARGET_KEYS",
+    "target_settings",
+    "select_parameters",
+    "resolve_module_types",
+]
 
 # MultiheadAttention owns its q/k/v projection (``in_proj_weight``) itself; its output projection
 # is a Linear. Leaving it out would leave attention dense without a word.
@@ -50,6 +58,19 @@ class Target:
         as several tensors (weight_norm's g and v), the tensor as computed, which has its shape."""
         tensors = stored(self.module, self.tensor_name)
         return tensors[0] if tensors else getattr(self.module, self.tensor_name)
+
+
+#: The keys of a ``targets`` mapping (``sparsity.targets``) that every sparsifier accepts.
+TARGET_KEYS = ("include", "exclude", "module_types")
+
+
+def target_settings(targets: Any, key: str) -> dict[str, Any]:
+    """``targets`` as a dict, refusing a key outside :data:`TARGET_KEYS` (``{key}.targets.<name>``)."""
+    targets = dict(targets or {})
+    unknown = sorted(set(targets) - set(TARGET_KEYS))
+    if unknown:
+        raise ConfigError(f"{key}.targets.{unknown[0]}", targets[unknown[0]], f"keys among {list(TARGET_KEYS)}")
+    return targets
 
 
 def resolve_module_types(names: Iterable[str | type], key: str = "module_types") -> tuple[type, ...]:

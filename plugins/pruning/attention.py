@@ -118,7 +118,11 @@ def _slice_linear(linear: nn.Linear, axis: int, index: torch.Tensor) -> None:
         linear.in_features = index.numel()
 
 
-_Q, _K, _V = ("q", "q_proj", "query", "wq", "to_q"), ("k", "k_proj", "key", "wk", "to_k"), ("v", "v_proj", "value", "wv", "to_v")
+_Q, _K, _V = (
+    ("q", "q_proj", "query", "wq", "to_q"),
+    ("k", "k_proj", "key", "wk", "to_k"),
+    ("v", "v_proj", "value", "wv", "to_v"),
+)
 _O = ("o", "o_proj", "out_proj", "wo", "to_out")
 _HEAD_COUNTS = ("num_heads", "heads", "n_heads", "n_head", "num_attention_heads")
 
@@ -150,7 +154,10 @@ def qkvo(module: nn.Module, name: str, parents: dict[nn.Module, nn.Module]) -> H
     if not (k.out_features == v.out_features == width == o.in_features):
         return None  # grouped or multi-query attention: k/v have fewer heads than q
     head_dim = width // heads
-    if getattr(module, "attention_head_size", head_dim) != head_dim or getattr(module, "head_dim", head_dim) != head_dim:
+    if (
+        getattr(module, "attention_head_size", head_dim) != head_dim
+        or getattr(module, "head_dim", head_dim) != head_dim
+    ):
         return None
 
     def remove(keep: torch.Tensor, root: nn.Module) -> None:

@@ -84,9 +84,13 @@ class HeadMasks(MaskMechanism):
             if not any(members):
                 continue
             if not all(members):
-                missing = next(f"{names[p.module]}.{p.tensor_name}" for p, m in zip(s.weights, members) if m is None)
+                missing = next(
+                    f"{names[p.module]}.{p.tensor_name}" for p, m in zip(s.weights, members, strict=True) if m is None
+                )
                 raise ConfigError(
-                    f"{key}.exclude", missing, f"a selection that holds all of {s.name}'s q/k/v/output projections or none"
+                    f"{key}.exclude",
+                    missing,
+                    f"a selection that holds all of {s.name}'s q/k/v/output projections or none",
                 )
             extras = [(f"{names[p.module]}.{p.tensor_name}", p.module, p.tensor_name) for p in s.biases]
             groups.append(HeadGroup(s.name, members, s.heads, 0, extras, min_keep=1, structure=s))
@@ -121,7 +125,7 @@ class HeadMasks(MaskMechanism):
         try:
             with evaluating(replica):
                 expected, ties = outputs(replica, self.example), tied_owners(replica)
-                for s, keep in zip(structures, keeps):
+                for s, keep in zip(structures, keeps, strict=True):
                     s.remove(keep, replica)
                 check_ties(ties)
                 check_equal(expected, replica, self.example, set())

@@ -30,7 +30,14 @@ class PrunedMultiheadAttention(nn.Module):
     _qkv_same_embed_dim = False
 
     def __init__(
-        self, embed_dim: int, head_dim: int, kept_heads: list[int], original_heads: int, dropout: float, batch_first: bool, bias: bool
+        self,
+        embed_dim: int,
+        head_dim: int,
+        kept_heads: list[int],
+        original_heads: int,
+        dropout: float,
+        batch_first: bool,
+        bias: bool,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
@@ -52,7 +59,12 @@ class PrunedMultiheadAttention(nn.Module):
         d = attention.head_dim
         kept = keep.nonzero().flatten().tolist()
         new = cls(
-            attention.embed_dim, d, kept, attention.num_heads, attention.dropout, attention.batch_first,
+            attention.embed_dim,
+            d,
+            kept,
+            attention.num_heads,
+            attention.dropout,
+            attention.batch_first,
             attention.in_proj_bias is not None,
         ).to(attention.in_proj_weight.device, attention.in_proj_weight.dtype)
         rows = keep.repeat_interleave(d).repeat(3).nonzero().flatten().to(attention.in_proj_weight.device)
@@ -68,8 +80,14 @@ class PrunedMultiheadAttention(nn.Module):
         return new
 
     def _additive_mask(
-        self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, batch: int, length: int, source: int,
-        is_causal: bool, dtype: torch.dtype,
+        self,
+        attn_mask: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None,
+        batch: int,
+        length: int,
+        source: int,
+        is_causal: bool,
+        dtype: torch.dtype,
     ) -> torch.Tensor | None:
         """attn_mask (L, S) or (N * original heads, L, S) and key_padding_mask (N, S), bool (True =
         masked) or additive floats, as one additive (N, heads, L, S) mask."""
@@ -77,7 +95,9 @@ class PrunedMultiheadAttention(nn.Module):
         if attn_mask is None and is_causal:
             attn_mask = torch.ones(length, source, dtype=torch.bool).triu(1)
         if attn_mask is not None:
-            m = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=dtype)
+            m = F._canonical_mask(
+                mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=dtype
+            )
             if m.dim() == 3:  # per original head: keep the kept heads' rows
                 m = m.view(batch, self.original_heads, length, source).index_select(1, self.kept_heads.to(m.device))
             total = m

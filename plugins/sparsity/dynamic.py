@@ -26,7 +26,7 @@ from plugins.core.errors import ConfigError, is_number
 from plugins.core.mask_mechanism import EntryMasks
 from plugins.core.masking_callback import MaskingCallback
 from plugins.core.masks import sparsity
-from plugins.core.selection import DEFAULT_MODULE_TYPES, Target
+from plugins.core.selection import DEFAULT_MODULE_TYPES, Target, target_settings
 from plugins.sparsity import budgets  # noqa: F401 - registers erk
 from plugins.sparsity.regrowth import DropFraction, UntilFraction
 
@@ -34,7 +34,6 @@ __all__ = ["ALLOCATION_NAMES", "DynamicSparsifier"]
 
 #: Allocations whose per-tensor counts follow from the shapes alone, so that they stay constant.
 ALLOCATION_NAMES = ("layer", "erk")
-_TARGET_KEYS = ("include", "exclude", "module_types")
 
 
 def _check(key: str, value: Any, ok: bool, allowed: str) -> None:
@@ -121,10 +120,7 @@ class DynamicSparsifier(MaskingCallback):
         )
         grower = CRITERIA.get(grow, f"{key}.grow")
         _check(f"{key}.bake_at_end", bake_at_end, isinstance(bake_at_end, bool), "true or false")
-        targets = dict(targets or {})
-        unknown = sorted(set(targets) - set(_TARGET_KEYS))
-        if unknown:
-            raise ConfigError(f"{key}.targets.{unknown[0]}", targets[unknown[0]], f"keys among {list(_TARGET_KEYS)}")
+        targets = target_settings(targets, key)
         super().__init__(
             schedule=UntilFraction(
                 kind="cosine",

@@ -33,13 +33,12 @@ from plugins.core.mask_mechanism import EntryMasks
 from plugins.core.masking_callback import MaskingCallback
 from plugins.core.masks import sparsity
 from plugins.core.schedules import Schedule, build_schedule
-from plugins.core.selection import DEFAULT_MODULE_TYPES, Target
+from plugins.core.selection import DEFAULT_MODULE_TYPES, Target, target_settings
 from plugins.sparsity.nm_pattern import NMCost, NMMasks, nm_fraction, parse_pattern
 
 __all__ = ["HardshrinkSparsifier", "MODES"]
 
 MODES = ("threshold", "sparsity")
-_TARGET_KEYS = ("include", "exclude", "module_types")
 
 
 class HardshrinkSparsifier(MaskingCallback):
@@ -120,14 +119,7 @@ class HardshrinkSparsifier(MaskingCallback):
             raise ConfigError(f"{key}.regrow", regrow, "true or false")
         if not isinstance(bake_at_end, bool):
             raise ConfigError(f"{key}.bake_at_end", bake_at_end, "true or false")
-        targets = dict(targets or {})
-        unknown = sorted(set(targets) - set(_TARGET_KEYS))
-        if unknown:
-            raise ConfigError(
-                f"{key}.targets.{unknown[0]}",
-                targets[unknown[0]],
-                f"keys among {list(_TARGET_KEYS)}",
-            )
+        targets = target_settings(targets, key)
         schedule = build_schedule(schedule, key=f"{key}.schedule")
         for end in ("start", "end"):
             value = getattr(schedule, end)

@@ -29,7 +29,7 @@ from plugins.core.mask_mechanism import EntryMasks
 from plugins.core.masking_callback import MaskingCallback
 from plugins.core.masks import Mask, get_mask, sparsity, stored
 from plugins.core.schedules import Schedule
-from plugins.core.selection import DEFAULT_MODULE_TYPES, Target
+from plugins.core.selection import DEFAULT_MODULE_TYPES, Target, target_settings
 
 if TYPE_CHECKING:
     from plugins.core.decision import Group
@@ -38,7 +38,6 @@ __all__ = ["IterativeMagnitudePruning", "OfRemaining", "RoundSchedule", "SCOPES"
 
 #: The allocations whose "fraction of what is left" is plain: per tensor, or over all together.
 SCOPES = ("layer", "global")
-_TARGET_KEYS = ("include", "exclude", "module_types")
 
 
 @dataclass(frozen=True)
@@ -147,10 +146,7 @@ class IterativeMagnitudePruning(MaskingCallback):
             raise ConfigError(f"{key}.scope", scope, f"one of {', '.join(SCOPES)}")
         if not isinstance(bake_at_end, bool):
             raise ConfigError(f"{key}.bake_at_end", bake_at_end, "true or false")
-        targets = dict(targets or {})
-        unknown = sorted(set(targets) - set(_TARGET_KEYS))
-        if unknown:
-            raise ConfigError(f"{key}.targets.{unknown[0]}", targets[unknown[0]], f"keys among {list(_TARGET_KEYS)}")
+        targets = target_settings(targets, key)
         every = epochs_per_round  # prunes at epochs E, 2E, ..., (R-1)E; with one round, never
         schedule = RoundSchedule(
             "constant", prune_fraction, prune_fraction, every, max(rounds - 1, 1) * every, every_n_epochs=every

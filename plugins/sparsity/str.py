@@ -31,11 +31,10 @@ from plugins.core.errors import ConfigError, is_number
 from plugins.core.masks import sparsity
 from plugins.core.plugin import PluginCallback
 from plugins.core.schedules import Schedule, build_schedule
-from plugins.core.selection import DEFAULT_MODULE_TYPES
+from plugins.core.selection import DEFAULT_MODULE_TYPES, target_settings
 
 __all__ = ["STRSparsifier", "SCHEDULE_KEYS"]
 
-_TARGET_KEYS = ("include", "exclude", "module_types")
 #: The schedule keys a user sets: ``start`` is 0 and ``end`` is ``target``; the goal moves every step.
 SCHEDULE_KEYS = ("kind", "begin_epoch", "end_epoch", "steps")
 
@@ -117,10 +116,7 @@ class STRSparsifier(PluginCallback):
         self.target = float(target)
         self.schedule = self._build_schedule(schedule)
         self.gain = float(gain)
-        targets = dict(targets or {})
-        unknown = sorted(set(targets) - set(_TARGET_KEYS))
-        if unknown:
-            raise ConfigError(f"{key}.targets.{unknown[0]}", targets[unknown[0]], f"keys among {list(_TARGET_KEYS)}")
+        targets = target_settings(targets, key)
         self.include = _globs(targets.get("include", ["*weight*"]), f"{key}.targets.include")
         self.exclude = _globs(targets.get("exclude", []), f"{key}.targets.exclude")
         types = targets.get("module_types", list(DEFAULT_MODULE_TYPES))
