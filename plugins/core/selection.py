@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_MODULE_TYPES",
     "TARGET_KEYS",
     "target_settings",
+    "selection_arguments",
     "select_parameters",
     "resolve_module_types",
 ]
@@ -71,6 +72,17 @@ def target_settings(targets: Any, key: str) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{key}.targets.{unknown[0]}", targets[unknown[0]], f"keys among {list(TARGET_KEYS)}")
     return targets
+
+
+def selection_arguments(targets: Any, key: str) -> dict[str, Any]:
+    """``include``, ``exclude`` and ``module_types`` from a checked ``targets`` mapping, with the
+    sparsifiers' defaults (``*weight*``, nothing, :data:`DEFAULT_MODULE_TYPES`)."""
+    targets = target_settings(targets, key)
+    return {
+        "include": targets.get("include", ("*weight*",)),
+        "exclude": targets.get("exclude", ()),
+        "module_types": targets.get("module_types", DEFAULT_MODULE_TYPES),
+    }
 
 
 def resolve_module_types(names: Iterable[str | type], key: str = "module_types") -> tuple[type, ...]:

@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from plugins.core.criteria import CRITERIA, L1, Criterion
+from plugins.core.decision import mean_over_ranks
 from plugins.core.errors import ConfigError, is_number
 from plugins.core.masks import stored
 from plugins.pruning.dependency import CONV_LINEAR
@@ -33,16 +33,6 @@ def _per_slice(values: torch.Tensor, dim: int | None) -> torch.Tensor:
     if dim is None:
         return values.reshape(-1)
     return values.movedim(dim % values.dim(), 0).reshape(values.shape[dim % values.dim()], -1).sum(1)
-
-
-def _mean_over_ranks(total: torch.Tensor) -> torch.Tensor:
-    """The mean over DDP ranks (gradients of micro-batches under ``no_sync`` differ per rank), so
-    that every rank prunes the same slices; the tensor itself without a process group."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        total = total.clone()
-        dist.all_reduce(total)
-        total /= dist.get_world_size()
-    return total
 
 
 @CRITERIA.register("taylor")
@@ -91,7 +81,7 @@ class Taylor(Criterion):
         if total is None:
             return L1().scores(group, keep, generator)
         # On the weights' device: sums loaded from a checkpoint are on the CPU, NCCL reduces on GPU.
-        return _mean_over_ranks(total.to(group.members[0].raw.device)).cpu()
+        return mean_over_ranks(total.to(group.members[0].raw.device)).cpu()
 
     def state_dict(self) -> dict[str, Any]:
         """The sums since the last update (per group name), for the callback's checkpoint."""

@@ -51,6 +51,11 @@ def _projections(group: HeadGroup) -> list[Projection]:
     return [*group.structure.weights, *group.structure.biases]
 
 
+def _mask_shape(group: HeadGroup, p: Projection) -> tuple[int, ...]:
+    ndim = getattr(p.module, p.tensor_name).dim()
+    return tuple(p.expand(torch.ones(group.size, dtype=torch.bool), group.structure.head_dim, ndim).shape)
+
+
 def _zero_heads(structure: HeadStructure, keep: torch.Tensor) -> None:
     for p in [*structure.weights, *structure.biases]:
         tensor = getattr(p.module, p.tensor_name)
@@ -134,15 +139,12 @@ class HeadMasks(MaskMechanism):
 
     def mask_shape(self, group, tensor):
         p = next(p for p in _projections(group) if getattr(p.module, p.tensor_name) is tensor)
-        return tuple(p.expand(torch.ones(group.size, dtype=torch.bool), group.structure.head_dim, tensor.dim()).shape)
+        return _mask_shape(group, p)
 
     def install(self, groups, key):
         for group in groups:
-            d = group.structure.head_dim
             for p in _projections(group):
-                tensor = getattr(p.module, p.tensor_name)
-                shape = p.expand(torch.ones(group.size, dtype=torch.bool), d, tensor.dim()).shape
-                ensure_mask(p.module, p.tensor_name, tuple(shape))
+                ensure_mask(p.module, p.tensor_name, _mask_shape(group, p))
 
     def apply(self, groups, keeps, optimizers=(), regrow=False):
         if regrow:

@@ -26,7 +26,7 @@ from plugins.core.errors import ConfigError, is_number
 from plugins.core.mask_mechanism import EntryMasks
 from plugins.core.masking_callback import MaskingCallback
 from plugins.core.masks import sparsity
-from plugins.core.selection import DEFAULT_MODULE_TYPES, Target, target_settings
+from plugins.core.selection import Target, selection_arguments
 from plugins.sparsity import budgets  # noqa: F401 - registers erk
 from plugins.sparsity.regrowth import DropFraction, UntilFraction
 
@@ -120,7 +120,7 @@ class DynamicSparsifier(MaskingCallback):
         )
         grower = CRITERIA.get(grow, f"{key}.grow")
         _check(f"{key}.bake_at_end", bake_at_end, isinstance(bake_at_end, bool), "true or false")
-        targets = target_settings(targets, key)
+        selection = selection_arguments(targets, key)
         super().__init__(
             schedule=UntilFraction(
                 kind="cosine",
@@ -133,9 +133,7 @@ class DynamicSparsifier(MaskingCallback):
             criterion=L1(),  # on entries: |w|
             allocation=DropFraction(budget(), amount),
             masks=EntryMasks(persistent=True),
-            include=targets.get("include", ("*weight*",)),
-            exclude=targets.get("exclude", ()),
-            module_types=targets.get("module_types", DEFAULT_MODULE_TYPES),
+            **selection,
             bake_at_end=bake_at_end,
             key=key,
             grow=grower(),

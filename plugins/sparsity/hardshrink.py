@@ -33,7 +33,7 @@ from plugins.core.mask_mechanism import EntryMasks
 from plugins.core.masking_callback import MaskingCallback
 from plugins.core.masks import sparsity
 from plugins.core.schedules import Schedule, build_schedule
-from plugins.core.selection import DEFAULT_MODULE_TYPES, Target, target_settings
+from plugins.core.selection import Target, selection_arguments
 from plugins.sparsity.nm_pattern import NMCost, NMMasks, nm_fraction, parse_pattern
 
 __all__ = ["HardshrinkSparsifier", "MODES"]
@@ -119,7 +119,7 @@ class HardshrinkSparsifier(MaskingCallback):
             raise ConfigError(f"{key}.regrow", regrow, "true or false")
         if not isinstance(bake_at_end, bool):
             raise ConfigError(f"{key}.bake_at_end", bake_at_end, "true or false")
-        targets = target_settings(targets, key)
+        selection = selection_arguments(targets, key)
         schedule = build_schedule(schedule, key=f"{key}.schedule")
         for end in ("start", "end"):
             value = getattr(schedule, end)
@@ -138,9 +138,7 @@ class HardshrinkSparsifier(MaskingCallback):
             criterion=L1() if nm is None else NMCost(nm),  # on entries |w|; on M-groups the pattern's cost
             allocation=FixedThreshold() if mode == "threshold" else by_scope(),
             masks=EntryMasks(persistent=not regrow) if nm is None else NMMasks(nm, persistent=not regrow),
-            include=targets.get("include", ("*weight*",)),
-            exclude=targets.get("exclude", ()),
-            module_types=targets.get("module_types", DEFAULT_MODULE_TYPES),
+            **selection,
             bake_at_end=bake_at_end,
             key=key,
         )

@@ -29,7 +29,7 @@ from plugins.core.mask_mechanism import EntryMasks
 from plugins.core.masking_callback import MaskingCallback
 from plugins.core.masks import Mask, get_mask, sparsity, stored
 from plugins.core.schedules import Schedule
-from plugins.core.selection import DEFAULT_MODULE_TYPES, Target, target_settings
+from plugins.core.selection import Target, selection_arguments
 
 if TYPE_CHECKING:
     from plugins.core.decision import Group
@@ -146,7 +146,7 @@ class IterativeMagnitudePruning(MaskingCallback):
             raise ConfigError(f"{key}.scope", scope, f"one of {', '.join(SCOPES)}")
         if not isinstance(bake_at_end, bool):
             raise ConfigError(f"{key}.bake_at_end", bake_at_end, "true or false")
-        targets = target_settings(targets, key)
+        selection = selection_arguments(targets, key)
         every = epochs_per_round  # prunes at epochs E, 2E, ..., (R-1)E; with one round, never
         schedule = RoundSchedule(
             "constant", prune_fraction, prune_fraction, every, max(rounds - 1, 1) * every, every_n_epochs=every
@@ -156,9 +156,7 @@ class IterativeMagnitudePruning(MaskingCallback):
             criterion=L1(),  # on entries: |w|
             allocation=OfRemaining(ALLOCATIONS.get(scope, f"{key}.scope")()),
             masks=EntryMasks(persistent=True),
-            include=targets.get("include", ("*weight*",)),
-            exclude=targets.get("exclude", ()),
-            module_types=targets.get("module_types", DEFAULT_MODULE_TYPES),
+            **selection,
             bake_at_end=bake_at_end,
             key=key,
         )
