@@ -29,6 +29,10 @@ FAST = [
     "logger=csv",
 ]
 
+# A child gets its own rendezvous: a port or rank left in this process's environment by an
+# in-process trainer would make every later DDP child reuse (and race for) the same address.
+_DISTRIBUTED = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
 
 def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
     """The real ``train.yaml`` with ``overrides``, with Hydra's runtime fields filled in."""
@@ -58,6 +62,8 @@ def run_train_cli(args: list[str], cwd: Path = ROOT, timeout: float = 600, env: 
     """``python train.py ARGS`` in a subprocess, as a user types it."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "")}
     full_env.pop("WANDB_API_KEY", None)
+    for name in _DISTRIBUTED:
+        full_env.pop(name, None)
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
@@ -76,6 +82,8 @@ def run_script(source: str, folder: Path, timeout: float = 300) -> subprocess.Co
     script = folder / "script.py"
     script.write_text(source)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    for name in _DISTRIBUTED:
+        env.pop(name, None)
     return subprocess.run(
         [sys.executable, str(script), str(folder)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
