@@ -1,4 +1,4 @@
-"""The "Your model" table of the README: each plugin on each model of the zoo (tests/zoo_models.py).
+"""The "Your model" table (docs/reference/your-model.md): each plugin on each model of the zoo (tests/zoo_models.py).
 
     .venv/bin/python benchmarks/zoo.py            # writes benchmarks/results/zoo.md
     .venv/bin/python benchmarks/zoo.py --quick    # prints only

@@ -1,7 +1,7 @@
 """The model zoo: models a researcher brings, from real libraries where one exists (Hugging Face
 ``transformers`` built from small configs with random weights, nothing downloaded), each with a
 batch of inputs and the plugin settings that fit it. Shared by ``tests/test_zoo.py`` and
-``benchmarks/zoo.py`` (the README's "Your model" table)."""
+``benchmarks/zoo.py`` (the "Your model" table, docs/reference/your-model.md)."""
 
 from __future__ import annotations
 
