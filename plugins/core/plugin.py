@@ -14,7 +14,7 @@ from plugins.core.errors import ConfigError
 __all__ = ["PluginCallback", "refuse_sharded_strategy"]
 
 #: Strategies that shard a tensor across ranks: a mask, a threshold or a parametrization registered
-#: on the whole tensor would act on one rank's shard. Not verified yet (docs/models.md), so refused.
+#: on the whole tensor would act on one rank's shard. Not verified yet (docs/reference/models.md), so refused.
 SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
 
 
@@ -27,7 +27,7 @@ def refuse_sharded_strategy(trainer: L.Trainer | None, key: str) -> None:
             "trainer.strategy",
             sharded[0],
             f"a strategy that keeps whole tensors on every rank (ddp, a single device): {key} is not "
-            "verified on sharded parameters yet (docs/models.md, 'Models bigger than one device')",
+            "verified on sharded parameters yet (docs/reference/models.md, 'Models bigger than one device')",
         )
 
 

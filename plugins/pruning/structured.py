@@ -49,7 +49,7 @@ class StructuredPruning(MaskingCallback):
 
     Args:
         method: a registered criterion (:data:`plugins.core.criteria.CRITERIA`): ``random``, ``l1``,
-            ``l2``, ``taylor``, ``bn_scale``, ``fpgm`` (docs/methods.md).
+            ``l2``, ``taylor``, ``bn_scale``, ``fpgm`` (docs/reference/methods.md).
         schedule: a :class:`Schedule` or a mapping; its value is the fraction of slices pruned in
             [0, 1], or a count when ``schedule.end`` is an integer.
         amount: shortcut for a constant schedule from epoch 0 (give this or ``schedule``).
