@@ -36,6 +36,7 @@ from typing_extensions import override
 __all__ = [
     "SweepSummary",
     "at_launch",
+    "jobs_at_once",
     "aggregate",
     "collect_rows",
     "markdown_table",
@@ -62,6 +63,27 @@ def at_launch(value: Any) -> Any:
 
 
 OmegaConf.register_new_resolver("at_launch", at_launch, use_cache=True, replace=True)
+
+
+def jobs_at_once(launcher: Any) -> int:
+    """``${jobs_at_once:${hydra.launcher}}``: how many jobs the launcher runs side by side, for a
+    sweeper that hands it jobs in batches (Optuna's ``n_jobs`` is its batch size: with 1, a
+    parallel launcher gets one trial at a time).
+
+    joblib's ``n_jobs`` (``-1`` = one per CPU, ``-2`` = all but one, as joblib counts), submitit's
+    ``array_parallelism``, else 1 (the basic launcher runs one job at a time).
+    """
+    launcher = launcher if isinstance(launcher, (DictConfig, Mapping)) else {}
+    n_jobs = launcher.get("n_jobs", None)
+    if isinstance(n_jobs, int) and not isinstance(n_jobs, bool) and n_jobs != 0:
+        return n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+    parallel = launcher.get("array_parallelism", None)
+    if isinstance(parallel, int) and not isinstance(parallel, bool) and parallel > 0:
+        return parallel
+    return 1
+
+
+OmegaConf.register_new_resolver("jobs_at_once", jobs_at_once, replace=True)
 
 
 def _override_items(overrides: Iterable[str]) -> dict[str, str]:
