@@ -7,11 +7,18 @@ joblib or submitit launcher; grid or Optuna sweeper) ends with, in its sweep dir
   ``seed``, ``data.name``...), every scalar of its ``summary.json``, and where it ran (pid, host,
   start and end time, written by the same callback's ``on_job_start``/``on_job_end``);
 - ``summary.md``: one row per combination of the swept keys other than the seed, with ``n`` (the
-  seeds that finished) and ``mean ± std`` of each metric over them (sample std, ``n - 1``);
-- ``summary.png``: the first metric's mean ± std per combination, as grouped bars.
+  seeds that finished) and ``mean ± std`` of each metric over them (sample std, ``n - 1``), then
+  the first metric as a wide table (rows: the first swept key; columns: the others);
+- ``summary.png``: the first metric, one panel per swept key other than the first (whose values
+  are the colours); an Optuna sweep gets Optuna's own slice, history and importance plots.
 
-The tables are pure functions of the job rows (:func:`collect_rows`, :func:`aggregate`,
-:func:`markdown_table`), which the tests call without Hydra. A job that wrote no ``summary.json``
+Two options make a fair comparison (both off by default; ``hydra.callbacks.sweep_summary.*``):
+``select: {key: module.lr, by: val/acc}`` keeps, per arm, the value of ``key`` with the best mean
+``by``; ``fit: {metric: train/acc, min: 0.95}`` shows ``did not fit`` instead of the test numbers
+of an arm whose mean training metric is below the bar.
+
+The tables are pure functions of the job rows (:func:`collect_rows`, and
+:mod:`runner.sweep_tables`), which the tests call without Hydra. A job that wrote no ``summary.json``
 (it crashed or was killed) is listed under the table, never silently dropped.
 """
 
@@ -20,10 +27,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import socket
-import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +38,21 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from typing_extensions import override
 
+from runner.sweep_tables import (
+    FitBar,
+    Selection,
+    Summary,
+    aggregate,
+    best_line,
+    markdown_table,
+    report_lines,
+    summarize,
+    wide_table,
+)
+
 __all__ = [
+    "FitBar",
+    "Selection",
     "SweepSummary",
     "at_launch",
     "jobs_at_once",
@@ -41,6 +60,7 @@ __all__ = [
     "collect_rows",
     "markdown_table",
     "swept_keys",
+    "wide_table",
     "write_sweep_summary",
 ]
 
@@ -107,14 +127,39 @@ def _scalar(value: Any) -> bool:
     return isinstance(value, (int, float, str, bool))
 
 
+def _last_logged(job_dir: Path, key: str) -> float | None:
+    """The last value of ``key`` in the job's CSV logger file (``<job>/**/metrics.csv``), if any:
+    ``summary.json`` holds the validation and test metrics, not the training ones."""
+    for path in sorted(job_dir.rglob("metrics.csv")):
+        with path.open(newline="") as f:
+            values = [row[key] for row in csv.DictReader(f) if row.get(key) not in (None, "")]
+        if values:
+            return float(values[-1])
+    return None
+
+
+def _job_row(job_dir: Path, rel: str, hydra_subdir: str, logged: Sequence[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {"job": rel, **_job_overrides(job_dir, hydra_subdir)}
+    summary = json.loads((job_dir / "summary.json").read_text())
+    row.update({k: v for k, v in summary.items() if _scalar(v) and k not in row})
+    for key in logged:
+        if key not in row and (value := _last_logged(job_dir, key)) is not None:
+            row[key] = value
+    info = job_dir / JOB_INFO
+    if info.is_file():
+        row.update({f"job/{k}": v for k, v in json.loads(info.read_text()).items()})
+    return row
+
+
 def collect_rows(
-    sweep_dir: Path, hydra_subdir: str = ".hydra"
+    sweep_dir: Path, hydra_subdir: str = ".hydra", logged: Sequence[str] = ()
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per job folder under ``sweep_dir`` (any depth, any subdir pattern).
 
     A job folder is one that holds ``<hydra_subdir>/overrides.yaml``. Returns ``(rows, missing)``:
-    rows for the jobs with a ``summary.json`` (overrides, then its scalar values, then
-    ``job_info.json`` if any), and the folders (relative) of the jobs without one.
+    rows for the jobs with a ``summary.json`` (overrides, then its scalar values, then each of
+    ``logged`` that the summary lacks, read from the job's CSV logger, then ``job_info.json`` if
+    any), and the folders (relative) of the jobs without one.
     """
     sweep_dir = Path(sweep_dir)
     rows, missing = [], []
@@ -124,17 +169,10 @@ def collect_rows(
     )
     for job_dir in job_dirs:
         rel = str(job_dir.relative_to(sweep_dir)) or "."
-        summary_path = job_dir / "summary.json"
-        if not summary_path.is_file():
+        if (job_dir / "summary.json").is_file():
+            rows.append(_job_row(job_dir, rel, hydra_subdir, logged))
+        else:
             missing.append(rel)
-            continue
-        row: dict[str, Any] = {"job": rel, **_job_overrides(job_dir, hydra_subdir)}
-        summary = json.loads(summary_path.read_text())
-        row.update({k: v for k, v in summary.items() if _scalar(v) and k not in row})
-        info = job_dir / JOB_INFO
-        if info.is_file():
-            row.update({f"job/{k}": v for k, v in json.loads(info.read_text()).items()})
-        rows.append(row)
     return rows, missing
 
 
@@ -147,76 +185,6 @@ def swept_keys(rows: Sequence[Mapping[str, Any]], candidates: Iterable[str]) -> 
     return keys
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, std
-
-
-def aggregate(
-    rows: Sequence[Mapping[str, Any]],
-    group_by: Sequence[str],
-    metrics: Sequence[str],
-) -> list[dict[str, Any]]:
-    """Mean and sample std of each metric over the rows sharing the values of ``group_by``.
-
-    Returns one dict per group, in first-seen order: the group's values, ``n``, and
-    ``<metric>`` -> ``(mean, std)`` for each metric present (as a number) in the group's rows.
-    """
-    groups: dict[tuple, list[Mapping[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(tuple(str(row.get(k)) for k in group_by), []).append(row)
-    out = []
-    for values, members in groups.items():
-        entry: dict[str, Any] = dict(zip(group_by, values, strict=True))
-        entry["n"] = len(members)
-        for metric in metrics:
-            numbers = [
-                float(r[metric])
-                for r in members
-                if isinstance(r.get(metric), (int, float))
-                and not isinstance(r.get(metric), bool)
-                and math.isfinite(float(r[metric]))
-            ]
-            if numbers:
-                entry[metric] = _stats(numbers)
-        out.append(entry)
-    return out
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
-
-
-def _fmt_key(value: Any) -> str:
-    """A swept value as typed, or with 4 significant digits when it is a long float (Optuna's)."""
-    text = str(value)
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    return f"{number:.4g}" if len(text) > 8 and not number.is_integer() else text
-
-
-def markdown_table(
-    groups: Sequence[Mapping[str, Any]], group_by: Sequence[str], metrics: Sequence[str]
-) -> str:
-    """A Markdown table of :func:`aggregate`'s output: ``mean ± std (n)`` per metric."""
-    shown = [m for m in metrics if any(m in g for g in groups)]
-    header = [*group_by, "n", *shown]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    for g in groups:
-        cells = [_fmt_key(g[k]) for k in group_by] + [str(g["n"])]
-        for m in shown:
-            if m not in g:
-                cells.append("")
-            else:
-                mean, std = g[m]
-                cells.append(f"{_fmt(mean)} ± {_fmt(std)}" if g["n"] > 1 else _fmt(mean))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], first: Sequence[str]) -> None:
     columns = list(dict.fromkeys([*first, *(k for row in rows for k in row)]))
     tmp = path.with_suffix(".csv.tmp")
@@ -227,54 +195,31 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], first: Sequence[st
     tmp.replace(path)
 
 
-def _plot(
-    path: Path, groups: Sequence[Mapping[str, Any]], group_by: Sequence[str], metric: str
-) -> bool:
-    """Grouped bars of ``metric``: the last swept key as colours, the others along the x axis."""
-    groups = [g for g in groups if metric in g]
-    if not groups:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    hue_key = group_by[-1] if len(group_by) >= 2 else None
-    x_keys = [k for k in group_by if k != hue_key]
-    x_labels = list(
-        dict.fromkeys(", ".join(f"{k}={g[k]}" for k in x_keys) or metric for g in groups)
-    )
-    hues = list(dict.fromkeys(g[hue_key] for g in groups)) if hue_key else [None]
-    width = 0.8 / len(hues)
-    fig, ax = plt.subplots(
-        figsize=(max(4.0, 1.2 * len(x_labels) * max(1, len(hues)) ** 0.5 + 2), 3.6)
-    )
-    for h_index, hue in enumerate(hues):
-        xs, means, stds = [], [], []
-        for g in groups:
-            if hue_key and g[hue_key] != hue:
-                continue
-            label = ", ".join(f"{k}={g[k]}" for k in x_keys) or metric
-            xs.append(x_labels.index(label) + (h_index - (len(hues) - 1) / 2) * width)
-            means.append(g[metric][0])
-            stds.append(g[metric][1])
-        ax.bar(
-            xs, means, width, yerr=stds, capsize=3, label=f"{hue_key}={hue}" if hue_key else None
-        )
-    ax.set_xticks(range(len(x_labels)))
-    ax.set_xticklabels(
-        x_labels,
-        rotation=20 if len(x_labels) > 3 else 0,
-        ha="right" if len(x_labels) > 3 else "center",
-    )
-    ax.set_ylabel(f"{metric} (mean ± std)")
-    if hue_key:
-        ax.legend(fontsize="small", ncols=min(len(hues), 4))
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
+    return path
+
+
+def _plots(sweep_dir: Path, filename: str, s: Summary, metric: str, seed_keys: Sequence[str],
+           optuna: tuple[Mapping[str, str], str] | None) -> dict[str, Path]:
+    """``<filename>.png`` (Optuna's slice plot in an Optuna sweep) and Optuna's other figures."""
+    from runner.sweep_plots import optuna_figures, summary_figure  # matplotlib only when plotting
+
+    written: dict[str, Path] = {}
+    try:
+        if optuna:
+            figures = optuna_figures(s.rows, optuna[0], metric, optuna[1])
+            for name, fig in figures.items():
+                key, stem = ("png", filename) if name == "slice" else (f"{name}_png", f"{filename}_{name}")
+                written[key] = _save(fig, sweep_dir / f"{stem}.png")
+        elif (fig := summary_figure(s.rows, s.arms, metric, seed_keys)) is not None:
+            written["png"] = _save(fig, sweep_dir / f"{filename}.png")
+    except Exception as err:  # noqa: BLE001 - a plot must never lose the tables
+        log.warning("sweep summary: no plot (%s: %s)", type(err).__name__, err)
+    return written
 
 
 def write_sweep_summary(
@@ -286,80 +231,57 @@ def write_sweep_summary(
     hydra_subdir: str = ".hydra",
     filename: str = "summary",
     best: tuple[str, str] | None = None,
+    select: Selection | None = None,
+    fit: FitBar | None = None,
+    search_space: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
     """Gather the jobs under ``sweep_dir`` and write ``<filename>.csv``, ``.md`` and ``.png``.
 
     Args:
         sweep_dir: the multirun's folder (``hydra.sweep.dir``).
-        metrics: the ``summary.json`` keys to aggregate; the first one is plotted.
+        metrics: the ``summary.json`` keys to aggregate; the first one is plotted and pivoted.
         seed_keys: swept keys averaged over (not grouped by).
         order: keys to put first among the columns (the sweep's own parameters).
         title: the Markdown heading.
         hydra_subdir: ``hydra.output_subdir`` (where each job's ``overrides.yaml`` is).
-        filename: stem of the three files.
+        filename: stem of the files.
         best: ``(metric, "maximize" | "minimize")``: name the best job under the table (a
             sweeper's objective).
+        select: choose one value of a swept key per arm (e.g. the learning rate by ``val/acc``);
+            the tables and the plot report only the chosen jobs.
+        fit: arms whose mean training metric is below the bar show ``did not fit`` for their test
+            numbers.
+        search_space: with ``best``, the Optuna sweeper's ``params``: the pictures are then
+            Optuna's (slice as ``<filename>.png``, ``<filename>_history.png``,
+            ``<filename>_importances.png``) and there is no wide table.
 
     Returns:
-        The paths written, by suffix (``csv``, ``md``, and ``png`` when there was a value to plot).
+        The paths written, by kind (``csv``, ``md``, ``png``, and Optuna's ``history_png`` and
+        ``importances_png``), plotted files only when there was a value to plot.
     """
     sweep_dir = Path(sweep_dir)
-    rows, missing = collect_rows(sweep_dir, hydra_subdir)
+    extra = [m for m in (select.by if select else None, fit.metric if fit else None) if m]
+    metrics = list(dict.fromkeys([*metrics, *extra]))
+    rows, missing = collect_rows(sweep_dir, hydra_subdir, logged=[fit.metric] if fit else [])
     override_keys = [k for job in _job_dirs_overrides(sweep_dir, hydra_subdir) for k in job]
     swept = swept_keys(rows, [*order, *override_keys])
-    group_by = [k for k in swept if k not in seed_keys]
-    written: dict[str, Path] = {}
-
     csv_path = sweep_dir / f"{filename}.csv"
     _write_csv(csv_path, rows, ["job", *swept])
-    written["csv"] = csv_path
+    written: dict[str, Path] = {"csv": csv_path}
 
-    groups = aggregate(rows, group_by, metrics)
+    s = summarize(rows, swept, seed_keys, metrics, select, fit)
+    optuna = (search_space, best[1]) if best and search_space else None
     lines = [f"# {title or sweep_dir.name}", ""]
-    if rows:
-        seeds = ", ".join(k for k in seed_keys if k in swept)
-        how = (
-            f"mean ± std (sample std) over {seeds}" if seeds else "no seed swept: one value per job"
-        )
-        lines += [
-            f"{len(rows)} jobs; {how}; n = jobs per row.",
-            "",
-            markdown_table(groups, group_by, metrics),
-        ]
-    else:
-        lines.append("No job wrote a summary.json.")
-    if best and rows:
-        metric, direction = best
-        scored = [r for r in rows if isinstance(r.get(metric), (int, float))]
-        if scored:
-            pick = (max if direction == "maximize" else min)(scored, key=lambda r: float(r[metric]))
-            values = ", ".join(f"{k}={_fmt_key(pick.get(k))}" for k in swept) or "no swept key"
-            lines += [
-                "",
-                f"Best job ({direction} {metric}): {pick['job']}: {values}"
-                f" -> {metric}={pick[metric]:.4f}",
-            ]
+    lines += report_lines(s, metrics, seed_keys, wide=optuna is None) if rows else ["No job wrote a summary.json."]
+    lines += best_line(rows, swept, best) if best else []
     if missing:
-        lines += [
-            "",
-            f"{len(missing)} job(s) wrote no summary.json (failed or unfinished): "
-            + ", ".join(missing),
-        ]
+        lines += ["", f"{len(missing)} job(s) wrote no summary.json (failed or unfinished): " + ", ".join(missing)]
     md_path = sweep_dir / f"{filename}.md"
     md_path.write_text("\n".join(lines) + "\n")
     written["md"] = md_path
-
-    png_path = sweep_dir / f"{filename}.png"
-    try:
-        if rows and _plot(
-            png_path,
-            groups,
-            group_by,
-            next((m for m in metrics if any(m in g for g in groups)), metrics[0]),
-        ):
-            written["png"] = png_path
-    except Exception as err:  # noqa: BLE001 - a plot must never lose the tables
-        log.warning("sweep summary: no plot (%s: %s)", type(err).__name__, err)
+    plotted = next((m for m in metrics if any(m in g for g in s.groups)), None)
+    if rows and plotted:
+        written.update(_plots(sweep_dir, filename, s, plotted, seed_keys, optuna))
     return written
 
 
@@ -383,6 +305,10 @@ class SweepSummary(Callback):
         metrics: the ``summary.json`` keys to aggregate; the first is plotted.
         seed_keys: the swept keys to average over rather than group by.
         filename: stem of the files written.
+        select: ``{key, by, mode}``: per arm, keep only the value of the swept ``key`` with the best
+            mean ``by`` (``mode`` ``max``, the default, or ``min``), seeds averaged.
+        fit: ``{metric, min}``: an arm whose mean ``metric`` is below ``min`` did not fit; its
+            test numbers are not reported.
     """
 
     def __init__(
@@ -390,6 +316,8 @@ class SweepSummary(Callback):
         metrics: Sequence[str] = DEFAULT_METRICS,
         seed_keys: Sequence[str] = ("seed",),
         filename: str = "summary",
+        select: Mapping[str, Any] | None = None,
+        fit: Mapping[str, Any] | None = None,
     ) -> None:
         metrics, seed_keys = list(metrics), list(seed_keys)
         if not metrics or not all(isinstance(m, str) and m for m in metrics):
@@ -402,6 +330,8 @@ class SweepSummary(Callback):
         self.metrics = metrics
         self.seed_keys = seed_keys
         self.filename = filename
+        self.select = Selection.from_config(select)
+        self.fit = FitBar.from_config(fit)
         self._started = 0.0
 
     @override
@@ -451,6 +381,7 @@ class SweepSummary(Callback):
             # A sweeper with an objective (Optuna): its metric first, and the best job named.
             metrics = [str(optimized), *(m for m in metrics if m != optimized)]
             best = (str(optimized), direction)
+        space = OmegaConf.to_container(params) if best and isinstance(params, DictConfig) else None
         written = write_sweep_summary(
             sweep_dir,
             metrics=metrics,
@@ -460,6 +391,9 @@ class SweepSummary(Callback):
             hydra_subdir=str(config.hydra.output_subdir or ".hydra"),
             filename=self.filename,
             best=best,
+            select=self.select,
+            fit=self.fit,
+            search_space={str(k): str(v) for k, v in space.items()} if space else None,
         )
         text = written["md"].read_text()
         log.info("sweep summary: %s\n%s", ", ".join(str(p) for p in written.values()), text)

@@ -13,10 +13,15 @@ import hydra
 import pytest
 from omegaconf import OmegaConf
 
+from runner import sweep_plots
+from runner.sweep_plots import summary_figure
 from runner.sweeps import (
+    FitBar,
+    Selection,
     SweepSummary,
     aggregate,
     markdown_table,
+    wide_table,
     write_sweep_summary,
 )
 from tests.conftest import ROOT, compose_config, run_train_cli
@@ -109,6 +114,259 @@ def test_callback_is_registered_for_every_multirun() -> None:
     assert isinstance(callback, SweepSummary) and callback.seed_keys == ["seed"]
 
 
+# ------------------------------------------------------------------------------- pictures and tables
+
+
+def _rows(values: dict[tuple, float], keys: list[str], metric: str = "test/acc") -> list[dict]:
+    return [{**dict(zip(keys, map(str, k), strict=True)), metric: v} for k, v in values.items()]
+
+
+def _error_bars(ax) -> list[float]:
+    """The half-lengths of the error bars drawn on ``ax`` (ax.errorbar's vertical segments)."""
+    from matplotlib.container import ErrorbarContainer
+
+    lengths = []
+    for container in ax.containers:
+        if isinstance(container, ErrorbarContainer):
+            for segments in container.lines[2]:
+                lengths += [abs(seg[1][1] - seg[0][1]) / 2 for seg in segments.get_segments()]
+    return lengths
+
+
+def _bar_heights(ax) -> list[float]:
+    from matplotlib.container import BarContainer
+
+    return [p.get_height() for c in ax.containers if isinstance(c, BarContainer) for p in c.patches]
+
+
+def _overlaps(fig) -> list[tuple[str, str]]:
+    """Tick labels of one panel whose drawn boxes overlap, measured by the renderer."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    found = []
+    for ax in fig.axes:
+        labels = [t for t in ax.get_xticklabels(which="both") if t.get_text() and t.get_visible()]
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        found += [
+            (labels[i].get_text(), labels[j].get_text())
+            for i in range(len(boxes))
+            for j in range(i + 1, len(boxes))
+            if boxes[i].overlaps(boxes[j])
+        ]
+    return found
+
+
+def test_two_arms_one_job_each_no_error_bars_and_an_axis_that_shows_the_difference(tmp_path: Path) -> None:
+    """The baseline-vs-gmp90 complaint: n = 1, both near 0.99."""
+    for num, (name, acc) in enumerate([("digits_baseline", 0.985), ("digits_gmp90", 0.992)]):
+        _fake_job(tmp_path, num, [f"+experiment={name}"], {"test/acc": acc, "seed": 0})
+    written = write_sweep_summary(tmp_path, metrics=["test/acc"])
+    assert written["png"].stat().st_size > 0
+
+    rows = _rows({("digits_baseline",): 0.985, ("digits_gmp90",): 0.992}, ["experiment"])
+    fig = summary_figure(rows, ["experiment"], "test/acc", seed_keys=["seed"])
+    (ax,) = fig.axes
+    assert _error_bars(ax) == []
+    assert "±" not in ax.get_ylabel() and "std" not in ax.get_ylabel()
+    assert "no error bars" in ax.get_ylabel()
+    bottom, top = ax.get_ylim()
+    assert 0.97 < bottom < 0.985 and 0.992 < top < 1.0  # hugs the data, not 0..1
+    assert (0.992 - 0.985) / (top - bottom) > 0.5  # the difference fills most of the axis
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["digits_baseline", "digits_gmp90"]
+    assert ax.get_xlabel() == "experiment" and _overlaps(fig) == []
+
+
+def test_three_seeds_draw_the_sample_std_and_name_it() -> None:
+    accs = {("batch", "A", s): 0.80 + 0.01 * s for s in range(3)}
+    accs |= {("batch", "B", s): 0.90 + 0.02 * s for s in range(3)}
+    accs |= {("layer", "A", s): 0.70 + 0.03 * s for s in range(3)}
+    accs[("layer", "B", 0)] = 0.75  # one seed only: no error bar for this arm
+    fig = summary_figure(_rows(accs, ["norm", "data.name", "seed"]), ["norm", "data.name"], "test/acc", ["seed"])
+    (ax,) = fig.axes  # one panel: data.name along x, norm as colours
+    assert ax.get_xlabel() == "data.name"
+    assert sorted(_error_bars(ax)) == pytest.approx([0.01, 0.02, 0.03])  # sample std, only where n > 1
+    assert sorted(_bar_heights(ax)) == pytest.approx([0.73, 0.75, 0.81, 0.92])
+    assert "mean ± sample std" in ax.get_ylabel() and "over seed" in ax.get_ylabel()
+    assert "n = 1–3; no bar where n = 1" in ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["norm=batch", "norm=layer"]
+
+
+def test_one_panel_per_swept_key_other_than_the_grouping_key() -> None:
+    accs = {(n, d, g, s): 0.5 + 0.1 * (n == "batch") + 0.01 * g + 0.001 * s
+            for n in ("batch", "group") for d in ("A", "B", "C") for g in (0, 10) for s in (0, 1)}
+    rows = _rows(accs, ["norm", "data.name", "data.random_gain", "seed"])
+    fig = summary_figure(rows, ["norm", "data.name", "data.random_gain"], "test/acc", ["seed"])
+    assert [ax.get_xlabel() for ax in fig.axes] == ["data.name", "data.random_gain"]
+    gain_panel = fig.axes[1]
+    assert [t.get_text() for t in gain_panel.get_xticklabels()] == ["0", "10"]
+    # The gain panel pools the 3 sets x 2 seeds: batch at gain 10 averages 0.6 + 0.1 + 0.0005.
+    assert max(_bar_heights(gain_panel)) == pytest.approx(0.7005)
+    assert "over seed, data.name (n = 6)" in gain_panel.get_ylabel()
+
+
+def test_tick_labels_never_overlap_however_many_and_long() -> None:
+    names = [f"ucr_resnet_experiment_number_{i}_with_a_long_name" for i in range(14)]
+    rows = _rows({(n, h): 0.5 + 0.01 * i for i, n in enumerate(names) for h in ("x", "y", "z")}, ["exp", "hue"])
+    fig = summary_figure(rows, ["hue", "exp"], "test/acc")
+    assert len(fig.axes[0].get_xticklabels()) == 14
+    assert _overlaps(fig) == []
+    width, _ = fig.get_size_inches()
+    assert width <= 30  # readable, not 6225 px wide
+
+
+def test_wide_table_rows_by_the_first_key_columns_by_the_others(tmp_path: Path) -> None:
+    rows = [
+        {"norm": n, "data.name": d, "seed": s, "test/acc": {"batch": 0.9, "layer": 0.8}[n] + (d == "B") * 0.05 + 0.01 * s}
+        for n in ("batch", "layer") for d in ("A", "B") for s in (0, 1, 2)
+    ]
+    groups = aggregate(rows, ["norm", "data.name"], ["test/acc"])
+    assert wide_table(groups, ["norm", "data.name"], "test/acc").splitlines() == [
+        "| norm \\ test/acc | data.name=A | data.name=B |",
+        "| --- | --- | --- |",
+        "| batch | 0.910 ± 0.010 (3) | 0.960 ± 0.010 (3) |",
+        "| layer | 0.810 ± 0.010 (3) | 0.860 ± 0.010 (3) |",
+    ]
+    for num, row in enumerate(rows):
+        overrides = [f"norm={row['norm']}", f"data.name={row['data.name']}", f"seed={row['seed']}"]
+        _fake_job(tmp_path, num, overrides, {"test/acc": row["test/acc"]})
+    md = write_sweep_summary(tmp_path, metrics=["test/acc"], order=["norm", "data.name", "seed"])["md"].read_text()
+    assert "| batch | A | 3 | 0.910 ± 0.010 |" in md  # the long table, still there
+    assert "| layer | 0.810 ± 0.010 (3) | 0.860 ± 0.010 (3) |" in md  # and the wide one beside it
+
+
+OPTUNA_SPACE = {"module.lr": "tag(log, interval(0.0003, 0.01))", "sparsity.schedule.end": "interval(0.3, 0.95)"}
+
+
+def _optuna_rows(n: int = 12) -> list[dict]:
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        lr, end = 10 ** rng.uniform(-3.5, -2), rng.uniform(0.3, 0.95)
+        rows.append({"job": str(i), "module.lr": repr(lr), "sparsity.schedule.end": repr(end), "val/acc": 1 - end / 2})
+    return rows
+
+
+def test_optuna_sweeps_are_drawn_with_optunas_own_figures(tmp_path: Path, monkeypatch) -> None:
+    import optuna.visualization.matplotlib as optuna_plots
+
+    called = []
+
+    def spy(name: str):
+        real = getattr(optuna_plots, name)
+
+        def draw(study, *args, **kwargs):
+            called.append((name, len(study.trials)))
+            return real(study, *args, **kwargs)
+
+        return draw
+
+    for name in ("plot_optimization_history", "plot_param_importances", "plot_slice"):
+        monkeypatch.setattr(optuna_plots, name, spy(name))
+    figures = sweep_plots.optuna_figures(_optuna_rows(), OPTUNA_SPACE, "val/acc", "maximize")
+    assert called == [("plot_optimization_history", 12), ("plot_param_importances", 12), ("plot_slice", 12)]
+    titles = {name: fig.axes[0].get_title() or fig.get_suptitle() for name, fig in figures.items()}
+    assert titles == {"history": "Optimization History Plot", "importances": "Hyperparameter Importances", "slice": "Slice Plot"}
+    assert len(figures["slice"].axes) >= 2  # one panel per parameter
+    assert all(_overlaps(fig) == [] for fig in figures.values())
+    for num, row in enumerate(_optuna_rows()):
+        _fake_job(tmp_path, num, [f"{k}={row[k]}" for k in OPTUNA_SPACE], {"val/acc": row["val/acc"]})
+    written = write_sweep_summary(tmp_path, metrics=["val/acc"], best=("val/acc", "maximize"), search_space=OPTUNA_SPACE)
+    assert {"png", "history_png", "importances_png"} <= set(written)
+    from PIL import Image
+
+    assert all(Image.open(written[k]).size[0] < 1500 for k in ("png", "history_png", "importances_png"))
+    assert ", wide:" not in written["md"].read_text()  # 12 distinct lrs x 12 ends: no pivot
+
+
+def _lr_rows() -> list[dict]:
+    """batch: lr 0.1 wins on mean val/acc (0.85 vs 0.80) although lr 0.01 has the best single seed."""
+    val = {("batch", "0.1"): (0.84, 0.86), ("batch", "0.01"): (0.90, 0.70),
+           ("layer", "0.1"): (0.60, 0.62), ("layer", "0.01"): (0.75, 0.77)}
+    test = {("batch", "0.1"): 0.83, ("batch", "0.01"): 0.50, ("layer", "0.1"): 0.55, ("layer", "0.01"): 0.74}
+    return [{"norm": n, "module.lr": lr, "seed": str(s), "val/acc": v[s], "test/acc": test[(n, lr)] + 0.01 * s}
+            for (n, lr), v in val.items() for s in (0, 1)]
+
+
+def test_selection_keeps_the_lr_with_the_best_mean_validation_metric_per_arm(tmp_path: Path) -> None:
+    for num, row in enumerate(_lr_rows()):
+        _fake_job(tmp_path, num, [f"norm={row['norm']}", f"module.lr={row['module.lr']}", f"seed={row['seed']}"],
+                  {"val/acc": row["val/acc"], "test/acc": row["test/acc"]})
+    written = write_sweep_summary(tmp_path, metrics=["test/acc"], order=["norm", "module.lr", "seed"],
+                                  select=Selection(key="module.lr", by="val/acc"))
+    md = written["md"].read_text()
+    assert "| norm | module.lr | n | test/acc | val/acc |" in md
+    assert "| batch | 0.1 | 2 | 0.835 ± 0.007 | 0.850 ± 0.014 |" in md
+    assert "| layer | 0.01 | 2 | 0.745 ± 0.007 | 0.760 ± 0.014 |" in md
+    assert "| batch | 0.01 |" not in md and "| layer | 0.1 |" not in md  # the other lrs are not reported
+    assert "- norm=batch: module.lr=0.1 (val/acc 0.850)" in md and "- norm=layer: module.lr=0.01 (val/acc 0.760)" in md
+    low = write_sweep_summary(tmp_path, metrics=["test/acc"], order=["norm", "module.lr", "seed"],
+                              select=Selection(key="module.lr", by="val/acc", mode="min"))["md"].read_text()
+    assert "| batch | 0.01 | 2 |" in low
+
+
+def test_selection_and_fit_bar_are_read_from_the_callbacks_config() -> None:
+    cfg = compose_config(["hydra.callbacks.sweep_summary.select={key: module.lr, by: val/acc}",
+                          "hydra.callbacks.sweep_summary.fit={metric: train/acc, min: 0.95}"])
+    callback = hydra.utils.instantiate(cfg.hydra.callbacks.sweep_summary)
+    assert callback.select == Selection("module.lr", "val/acc", "max")
+    assert callback.fit == FitBar("train/acc", 0.95)
+    default = hydra.utils.instantiate(compose_config([]).hydra.callbacks.sweep_summary)
+    assert default.select is None and default.fit is None  # off by default
+    with pytest.raises(ValueError, match="select must be a mapping with key, by"):
+        SweepSummary(select={"key": "module.lr"})
+    with pytest.raises(ValueError, match="fit has unknown keys"):
+        SweepSummary(fit={"metric": "train/acc", "min": 0.9, "max": 1})
+    with pytest.raises(ValueError, match="mode max or min"):
+        SweepSummary(select={"key": "module.lr", "by": "val/acc", "mode": "best"})
+
+
+def test_an_arm_that_did_not_fit_its_training_set_reports_no_test_number(tmp_path: Path, caplog) -> None:
+    train = {"batch": (0.99, 0.97), "none": (0.44, 0.46)}
+    for num, (norm, seed) in enumerate((n, s) for n in train for s in (0, 1)):
+        _fake_job(tmp_path, num, [f"norm={norm}", "data.name=GunPoint", f"seed={seed}"],
+                  {"test/acc": 0.6 + 0.1 * seed, "test/f1": 0.5, "val/acc": 0.7})
+        logged = tmp_path / str(num) / "csv"  # summary.json has no train/acc: the CSV logger has
+        logged.mkdir()
+        (logged / "metrics.csv").write_text(f"epoch,step,train/acc,val/acc\n0,4,0.1,\n0,4,,0.5\n1,9,{train[norm][seed]},\n")
+    with caplog.at_level("WARNING"):
+        written = write_sweep_summary(tmp_path, metrics=["test/acc", "test/f1", "val/acc"], order=["norm", "seed"],
+                                      fit=FitBar("train/acc", 0.95))
+    md = written["md"].read_text()
+    assert "| batch | 2 | 0.650 ± 0.071 | 0.500 ± 0.000 | 0.700 ± 0.000 | 0.980 ± 0.014 |" in md
+    assert "| none | 2 | did not fit (train/acc 0.450) | did not fit (train/acc 0.450) | 0.700 ± 0.000 | 0.450 ± 0.014 |" in md
+    assert "Did not fit: norm=none: mean train/acc 0.450 < 0.95" in md
+    assert [r.getMessage() for r in caplog.records if "did not fit" in r.getMessage()] == [
+        "sweep summary: norm=none did not fit its training set (train/acc 0.450 < 0.95)"
+    ]
+    fig = summary_figure([{"norm": "batch", "test/acc": 0.6}, {"norm": "none", "test/acc": 0.7, "did_not_fit": "did not fit (train/acc 0.450)"}], ["norm"], "test/acc")
+    assert _bar_heights(fig.axes[0]) == [0.6]  # no bar for the arm that did not fit
+    assert "did not fit" in " ".join(t.get_text() for t in fig.axes[0].texts)
+
+
+def test_pictures_for_the_eye(tmp_path: Path) -> None:
+    """Writes the pictures of the tests above to SWEEP_PICTURES (when set), to look at them."""
+    import os
+
+    out = os.environ.get("SWEEP_PICTURES")
+    if not out:
+        pytest.skip("set SWEEP_PICTURES=<folder> to write the pictures")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = _rows({("digits_baseline",): 0.985, ("digits_gmp90",): 0.992}, ["experiment"])
+    summary_figure(rows, ["experiment"], "test/acc", ["seed"]).savefig(out / "two_arms.png", dpi=120)
+    accs = {(n, d, g, s): 0.5 + 0.1 * (n == "batch") + 0.01 * g + 0.01 * s * (d == "A")
+            for n in ("batch", "group", "layer", "instance") for d in ("ACSF1", "BasicMotions", "GunPoint") for g in (0, 10) for s in (0, 1, 2)}
+    rows = _rows(accs, ["norm", "data.name", "data.random_gain", "seed"])
+    summary_figure(rows, ["norm", "data.name", "data.random_gain"], "test/acc", ["seed"]).savefig(out / "three_keys.png", dpi=120)
+    names = [f"ucr_resnet_experiment_number_{i}_with_a_long_name" for i in range(14)]
+    rows = _rows({(n, h): 0.5 + 0.01 * i for i, n in enumerate(names) for h in ("x", "y", "z")}, ["exp", "hue"])
+    summary_figure(rows, ["hue", "exp"], "test/acc").savefig(out / "long_labels.png", dpi=120)
+    for name, fig in sweep_plots.optuna_figures(_optuna_rows(), OPTUNA_SPACE, "val/acc", "maximize").items():
+        fig.savefig(out / f"optuna_{name}.png", dpi=120)
+
+
 # ------------------------------------------------------------------------------------- configs
 
 
@@ -161,6 +419,8 @@ def test_norm_sweep_writes_one_summary_with_mean_and_std(tmp_path: Path) -> None
             "seed=0,1",
             "hydra.sweeper.params={data.name: GunPoint}",
             "logger=csv",
+            # A bar no run reaches: train/acc comes from each job's CSV logger (not in summary.json).
+            "hydra.callbacks.sweep_summary.fit={metric: train/acc, min: 1.01}",
             *TINY,
             f"hydra.sweep.dir={sweep}",
         ]
@@ -171,6 +431,12 @@ def test_norm_sweep_writes_one_summary_with_mean_and_std(tmp_path: Path) -> None
     md = (sweep / "summary.md").read_text()
     assert "| norm | n | test/acc |" in md and md.count("± ") >= 2
     assert (sweep / "summary.png").is_file()
+    table = [line.split(" | ") for line in md.splitlines() if line.startswith(("| batch |", "| instance |"))]
+    header = next(line for line in md.splitlines() if line.startswith("| norm | n |")).strip("| ").split(" | ")
+    for cells in table:
+        train = cells[header.index("train/acc")].split(" ±")[0]
+        assert cells[header.index("test/acc")] == f"did not fit (train/acc {train})"
+    assert "Did not fit: norm=batch" in md and "norm=instance did not fit its training set" in result.stderr + result.stdout
 
 
 def test_sweep_over_experiments_with_their_own_task_names_stays_one_sweep(tmp_path: Path) -> None:
@@ -255,6 +521,7 @@ def test_optuna_search_runs_trials_and_names_the_best(tmp_path: Path) -> None:
     )
     md = (sweep / "summary.md").read_text()
     assert "Best job (maximize val/acc)" in md
+    assert all((sweep / f"summary{s}.png").is_file() for s in ("", "_history", "_importances"))
     assert md.splitlines()[4].startswith("| module.lr | sparsity.schedule.end | n | val/acc |")
 
 
