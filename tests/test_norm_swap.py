@@ -62,7 +62,8 @@ NEW_TYPE = {
     "batch": nn.BatchNorm2d,
     "instance": nn.InstanceNorm2d,
     "group": nn.GroupNorm,
-    "layer": ChannelLayerNorm,
+    "layer": nn.GroupNorm,  # GroupNorm(1, C): over channels and positions
+    "channel_layer": ChannelLayerNorm,
     "none": nn.Identity,
 }
 NORM_TYPES = (
@@ -148,7 +149,11 @@ def test_affine_parameters_are_copied_where_shapes_agree() -> None:
 
     to_layer = copy.deepcopy(model)
     swap_norm(to_layer, "layer")
-    assert torch.equal(to_layer.bn1.norm.weight, weight)
+    assert to_layer.bn1.num_groups == 1 and torch.equal(to_layer.bn1.weight, weight)
+
+    to_channel_layer = copy.deepcopy(model)
+    swap_norm(to_channel_layer, "channel_layer")
+    assert torch.equal(to_channel_layer.bn1.norm.weight, weight)
 
     no_affine = copy.deepcopy(model)
     report = swap_norm(no_affine, "group", num_groups=4, affine=False)
@@ -167,7 +172,7 @@ def test_num_groups_not_dividing_names_the_layer_and_changes_nothing() -> None:
 
 
 def test_unknown_kind_lists_the_kinds() -> None:
-    with pytest.raises(ConfigError, match="one of the registered norm kinds: batch, group, instance, layer, none"):
+    with pytest.raises(ConfigError, match="one of the registered norm kinds: batch, channel_layer, group, instance, layer, none"):
         swap_norm(TinyResNet(), "banana")
 
 
@@ -188,6 +193,9 @@ def test_channels_last_layernorm_of_a_transformer() -> None:
     report = swap_norm(kept, "layer", eps=1e-6)
     assert report.replaced == {"LayerNorm": 2}
     assert type(kept.norm1) is nn.LayerNorm and kept.norm1.eps == 1e-6
+    kept_too = copy.deepcopy(layer)
+    swap_norm(kept_too, "channel_layer")
+    assert type(kept_too.norm1) is nn.LayerNorm
 
     inst = copy.deepcopy(layer)
     report = swap_norm(inst, "instance", affine=False)
@@ -228,7 +236,7 @@ def test_instance_norm_on_flat_features_is_refused() -> None:
         swap_norm(model, "instance", example_input=torch.randn(2, 4))
 
 
-@pytest.mark.parametrize("kind", ["instance", "group", "layer", "none"])
+@pytest.mark.parametrize("kind", ["instance", "group", "layer", "channel_layer", "none"])
 def test_swap_matches_building_with_the_factory(kind: str) -> None:
     """The norm config group builds our models with a factory; swapping afterwards agrees."""
     swapped = ResNet1d(1, 3, widths=(8, 16), norm=NormFactory("batch"))
@@ -242,3 +250,27 @@ def test_swap_norm_takes_a_factory() -> None:
     model = TinyResNet()
     report = swap_norm(model, NormFactory("group", num_groups=8, affine=False))
     assert report.kind == "group" and model.bn1.num_groups == 8 and model.bn1.weight is None
+
+
+def test_layer_normalizes_each_sample_over_channels_and_positions() -> None:
+    """``layer`` is the LayerNorm of conv features (GroupNorm(1, C)): a per-sample gain cancels, the
+    relative amplitude of local windows stays. ``channel_layer`` (the old ``layer``) normalizes each
+    position's channel vector on its own, so every window comes out at the same amplitude."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 40)
+    x[:, :, 20:] *= 10.0  # a loud second half, as after a conv over a series whose amplitude grows
+    layer = NormFactory("layer", affine=False)(8, 1)
+    channel_layer = NormFactory("channel_layer", affine=False)(8, 1)
+
+    out = layer(x)
+    flat = x.flatten(1)
+    expected = (flat - flat.mean(1, keepdim=True)) / torch.sqrt(flat.var(1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(out, expected.view_as(x))
+    torch.testing.assert_close(layer(x * torch.tensor([0.1, 1.0, 100.0]).view(3, 1, 1)), out, atol=1e-3, rtol=1e-3)
+    assert out[:, :, 20:].std() > 5 * out[:, :, :20].std()  # the loud half stays loud
+
+    old = channel_layer(x)
+    per_position = x.transpose(1, 2)
+    expected_old = F.layer_norm(per_position, (8,), eps=1e-5).transpose(1, 2)
+    torch.testing.assert_close(old, expected_old)
+    torch.testing.assert_close(old[:, :, 20:].std(), old[:, :, :20].std(), atol=0.05, rtol=0.05)  # amplitude gone

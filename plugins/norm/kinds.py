@@ -77,7 +77,25 @@ class Group(NormKind):
 
 @NORM_KINDS.register("layer")
 class Layer(NormKind):
-    """LayerNorm over the channels at each position (:class:`ChannelLayerNorm`)."""
+    """LayerNorm for conv features: each sample normalized over its channels and positions together,
+    then a per-channel scale and shift (``nn.GroupNorm(1, C)``, the Group Normalization paper's
+    LayerNorm). A per-sample gain cancels; the relative amplitude of local windows is kept. On
+    ``(N, C)`` features it is ``nn.LayerNorm(C)``. Cost: one mean and variance per sample."""
+
+    def build(self, factory, channels, dims, name):
+        return nn.GroupNorm(1, channels, eps=factory.eps, affine=factory.affine)
+
+    def channels_last(self, factory, channels, name):
+        # (N, L, C) tokens: a transformer's LayerNorm is per token over C, which stays what it is.
+        return nn.LayerNorm(channels, eps=factory.eps, elementwise_affine=factory.affine)
+
+
+@NORM_KINDS.register("channel_layer")
+class ChannelLayer(NormKind):
+    """LayerNorm over the channels at each position separately (:class:`ChannelLayerNorm`), the
+    meaning of ``layer`` before issue 17. After a conv on a one-channel series it removes the
+    amplitude of every local window; kept for comparison and for models trained with it. Costs two
+    transposes per call."""
 
     def build(self, factory, channels, dims, name):
         return ChannelLayerNorm(channels, eps=factory.eps, affine=factory.affine)

@@ -10,7 +10,8 @@ __all__ = ["ChannelLayerNorm", "BatchNormNd", "InstanceNormNd", "ChannelsLast"]
 
 
 class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channel axis of ``(N, C, *)`` features, at each position separately.
+    """LayerNorm over the channel axis of ``(N, C, *)`` features, at each position separately: the
+    ``channel_layer`` norm kind (the ``layer`` kind normalizes over channels and positions together).
 
     ``nn.LayerNorm`` normalizes the last axes; conv features keep channels on axis 1, so this moves
     them last, normalizes, and moves them back. Costs two transposes per call.

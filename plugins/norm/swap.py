@@ -149,9 +149,11 @@ def swap_norm(
 
     Layout: BatchNorm, InstanceNorm, GroupNorm and ChannelLayerNorm act on channels-first features
     ``(N, C, *)``; a plain ``nn.LayerNorm(C)`` normalizes the *last* axis, so it is taken to act on
-    channels-last features ``(N, *, C)`` (a transformer's ``(N, L, C)`` tokens): ``layer`` keeps
-    it a ``nn.LayerNorm``, other kinds are wrapped in :class:`ChannelsLast`. A LayerNorm over
-    several axes (``LayerNorm([C, H, W])``) has no single channel axis and is skipped (reported).
+    channels-last features ``(N, *, C)`` (a transformer's ``(N, L, C)`` tokens): ``layer`` and
+    ``channel_layer`` keep it a ``nn.LayerNorm``, other kinds are wrapped in :class:`ChannelsLast`.
+    On channels-first features ``layer`` is ``nn.GroupNorm(1, C)`` (over channels and positions)
+    and ``channel_layer`` a :class:`ChannelLayerNorm` (over channels at each position). A LayerNorm
+    over several axes (``LayerNorm([C, H, W])``) has no single channel axis and is skipped (reported).
 
     The spatial rank picks the class (``BatchNorm1d`` vs ``2d``): it is read from the old layer's
     type, or from one forward pass of ``example_input`` when given; where neither tells (a
