@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from typing_extensions import override
 
 from plugins.core.errors import ConfigError, is_number
 
@@ -17,7 +18,9 @@ __all__ = ["Classifier"]
 class Classifier(L.LightningModule):
     """Cross-entropy classification of any backbone ``net``; logs loss, accuracy and macro F1 for
     train/val/test (torchmetrics, synced across processes). AdamW with a cosine learning rate over
-    ``trainer.max_epochs``.
+    ``trainer.max_epochs``. :attr:`last_train_metrics` keeps the last training epoch's values
+    (``train/acc``, ``train/f1``, ``train/loss_epoch``), which ``trainer.test`` would otherwise
+    clear: ``summary.json`` reports them, so a sweep can tell an arm that did not fit.
 
     Args:
         net: the backbone, ``(N, ...) -> (N, num_classes)``.
@@ -53,6 +56,7 @@ class Classifier(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {f"{stage}_metrics": metrics.clone(prefix=f"{stage}/") for stage in ("train", "val", "test")}
         )
+        self.last_train_metrics: dict[str, float] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -72,6 +76,15 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        # The epoch's values are computed by now (callbacks such as EarlyStopping read them here).
+        self.last_train_metrics = {
+            k: float(v)
+            for k, v in self.trainer.callback_metrics.items()
+            if k.startswith("train/") and k not in ("train/loss", "train/loss_step")
+        }
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")

@@ -1,5 +1,5 @@
-"""Data modules for data that ships inside packages: scikit-learn's digits and aeon's bundled
-UCR/UEA sets. Nothing is downloaded."""
+"""Data modules for data that ships inside packages: scikit-learn's digits, aeon's bundled UCR/UEA
+sets and sktime's bundled PLAID. Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from plugins.core.errors import ConfigError, is_number
 
 __all__ = ["DigitsDataModule", "UCRDataModule", "UCR_DATASETS"]
 
-# Classification sets whose files ship inside aeon (aeon/datasets/data); anything else would need a
-# download, which this project never does.
+# Classification sets whose files ship inside aeon (aeon/datasets/data) or sktime (SKTIME_LOADERS);
+# anything else would need a download, which this project never does.
 UCR_DATASETS = (
     "ACSF1",
     "ArrowHead",
@@ -25,7 +25,12 @@ UCR_DATASETS = (
     "JapaneseVowels",
     "OSULeaf",
     "PickupGestureWiimoteZ",
+    "PLAID",
 )
+# Sets read from sktime instead (bundled there, not in aeon): name -> loader in sktime.datasets.
+# PLAID: appliance current, 11 classes, variable length (100 to 1,344), per-series amplitude
+# over five orders of magnitude.
+SKTIME_LOADERS = {"PLAID": "load_plaid"}
 
 
 def _check_fraction(key: str, value: float, low: float = 0.0, high: float = 1.0) -> None:
@@ -185,7 +190,7 @@ def _resample(series: list[np.ndarray], length: int) -> np.ndarray:
 
 
 class UCRDataModule(_ArrayDataModule):
-    """A UCR/UEA classification set bundled in aeon. The official TRAIN split is divided
+    """A UCR/UEA classification set bundled in aeon (PLAID: in sktime). The official TRAIN split is divided
     (stratified, from the seed) into train and val; TEST is the test split. Variable-length sets
     are resampled by linear interpolation to the longest training series. ``znorm`` standardizes
     each series channel on its own; otherwise values are left as recorded."""
@@ -193,7 +198,7 @@ class UCRDataModule(_ArrayDataModule):
     def __init__(self, name: str = "GunPoint", val_fraction: float = 0.2, znorm: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         if name not in UCR_DATASETS:
-            raise ConfigError("data.name", name, f"one of the sets bundled in aeon: {', '.join(UCR_DATASETS)}")
+            raise ConfigError("data.name", name, f"one of the bundled sets: {', '.join(UCR_DATASETS)}")
         _check_fraction("data.val_fraction", val_fraction, 0.05, 0.5)
         if not isinstance(znorm, bool):
             raise ConfigError("data.znorm", znorm, "true or false")
@@ -202,10 +207,22 @@ class UCRDataModule(_ArrayDataModule):
         self.znorm = znorm
         self._loaded = self._load()
 
-    def _load(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _read(self, split: str) -> tuple[list[np.ndarray] | np.ndarray, np.ndarray]:
+        """The official ``split`` as series ``(C, L_i)`` and labels, from aeon or sktime."""
+        if self.name in SKTIME_LOADERS:
+            import sktime.datasets
+
+            load = getattr(sktime.datasets, SKTIME_LOADERS[self.name])
+            x, y = load(split=split, return_X_y=True)  # nested DataFrame: one pd.Series per cell
+            rows = x.itertuples(index=False)
+            series = [np.stack([np.asarray(cell, dtype=np.float64) for cell in row]) for row in rows]
+            return series, np.asarray(y)
         from aeon.datasets import load_classification
 
-        raw = {split: load_classification(self.name, split=split) for split in ("train", "test")}
+        return load_classification(self.name, split=split)
+
+    def _load(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        raw = {split: self._read(split) for split in ("train", "test")}
         classes = sorted(set(raw["train"][1]) | set(raw["test"][1]))
         index = {c: i for i, c in enumerate(classes)}
         length = max(s.shape[-1] for s in raw["train"][0])

@@ -19,7 +19,7 @@ from plugins.core.modes import evaluating
 from plugins.core.selection import DEFAULT_MODULE_TYPES, select_parameters
 from runner.run_folder import write_atomically, write_json
 
-__all__ = ["Reports", "weight_sparsity", "export_program", "write_outputs", "optimized_value"]
+__all__ = ["Reports", "train_metrics", "weight_sparsity", "export_program", "write_outputs", "optimized_value"]
 
 log = logging.getLogger("train")
 
@@ -65,6 +65,14 @@ def export_program(net: torch.nn.Module, example: torch.Tensor, path: Path) -> s
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
+def train_metrics(module: L.LightningModule) -> dict[str, float]:
+    """The last training epoch's metrics (``train/acc`` ...) when the module keeps them, as
+    :class:`models.Classifier` does in ``last_train_metrics``; ``trainer.test`` clears the
+    trainer's copy. Empty for a module that does not."""
+    kept = getattr(module, "last_train_metrics", None) or {}
+    return {str(k): float(v) for k, v in kept.items()}
+
+
 def write_outputs(
     cfg: DictConfig,
     module: L.LightningModule,
@@ -75,9 +83,11 @@ def write_outputs(
     started: float,
 ) -> dict[str, Any]:
     """``model.pt`` (on CPU, so it loads without the run's accelerator), ``model.pt2``, the plots
-    and ``summary.json``; returns the summary."""
+    and ``summary.json``; returns the summary, which holds ``metrics`` and the last training
+    epoch's :func:`train_metrics` (``train/acc``: did the run fit its training set?)."""
     net = module.net
     summary: dict[str, Any] = {
+        **train_metrics(module),
         **metrics,
         "params/total": sum(p.numel() for p in net.parameters()),
         "params/nonzero": sum(int((p != 0).sum()) for p in net.parameters()),

@@ -158,7 +158,7 @@ VALUES = [
     mistake("module.lr=-1", says="module.lr=-1"),
     mistake("model.dropout=1.5", says="model.dropout=1.5"),
     mistake("model.widths=[32,64]", says="model.widths=[32, 64]"),
-    mistake(*UCR, "data.name=PLAID", says="data.name='PLAID' is not allowed: one of the sets bundled in aeon"),
+    mistake(*UCR, "data.name=Wafer", says="data.name='Wafer' is not allowed: one of the bundled sets"),
     mistake("norm=group", "norm.num_groups=5", says="norm.num_groups=5 is not allowed: a divisor of the 32 channels"),
 ]
 
