@@ -12,7 +12,7 @@ Latency is the median of alternating repeats (dense, masked, compact, tp, dense,
 from other processes hits every variant alike; it is still noisy on a shared machine.
 
     python benchmarks/bench_compaction.py          # -> benchmarks/results/compaction.{md,json}
-    python benchmarks/bench_compaction.py --quick    # 50% only, fewer repeats
+    python benchmarks/bench_compaction.py --quick    # 50% only, fewer repeats; -> a temporary folder or --out
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import add_output_args, results_folder  # noqa: E402
 from models.backbones import DigitsCNN, ResNet1d  # noqa: E402
 from plugins.core.masks import bake  # noqa: E402
 from plugins.pruning.compaction import compact_copy, count, independent_copy, latency  # noqa: E402
 from plugins.pruning.structured import StructuredPruning  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {
     "digits_cnn": (lambda: DigitsCNN(), (1, 8, 8)),
     "resnet1d": (lambda: ResNet1d(), (1, 150)),
@@ -99,15 +99,19 @@ def measure(models: dict[str, nn.Module], shape, batch: int, repeats: int) -> di
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="50%% only, fewer repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed passes per variant")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 = steadier on a shared CPU)"
     )
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    add_output_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        args.out = results_folder(args.out, args.quick)
+    except ValueError as err:
+        parser.error(str(err))
     torch.set_num_threads(args.threads)
     ratios = [0.5] if args.quick else [0.3, 0.5, 0.7]
     repeats = args.repeats or (7 if args.quick else 21)
@@ -151,7 +155,7 @@ def main() -> None:
         "repeats": repeats,
         "cpu": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compaction.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -171,6 +175,8 @@ def main() -> None:
         )
     (args.out / "compaction.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(f"written: {args.out / 'compaction.md'}, {args.out / 'compaction.json'}")
+    return args.out
 
 
 if __name__ == "__main__":

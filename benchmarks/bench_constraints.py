@@ -36,7 +36,7 @@ in eval mode after the timed steps.
     python benchmarks/bench_constraints.py            # ~ 6 minutes on 1 CPU thread
     python benchmarks/bench_constraints.py --quick    # smoke run on small models, seconds
 
-Writes benchmarks/results/constraints.md and .json (``--quick``: nothing unless --out is given).
+Writes benchmarks/results/constraints.md and .json (``--quick``: --out or a new temporary folder).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.timing import add_clock_args, clock  # noqa: E402
+from benchmarks.timing import add_clock_args, add_output_args, clock, results_folder  # noqa: E402
 from models.backbones import ResNet1d  # noqa: E402
 from plugins.constraints import ConstraintError, WeightConstraints, build_constraint  # noqa: E402
 from plugins.core.selection import Target, select_parameters  # noqa: E402
@@ -397,22 +397,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     add_clock_args(parser)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_output_args(parser)
     parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: small models (MLP width 64, ResNet widths 8 16 16), 1 round of 1 + 2 "
-        "steps; no files unless --out is given",
+        "steps; writes to --out or a new temporary folder",
     )
     args = parser.parse_args(argv)
     given = argv if argv is not None else sys.argv[1:]
-    out_given = any(a == "--out" or a.startswith("--out=") for a in given)
+    try:
+        args.out = results_folder(args.out, args.quick)
+    except ValueError as err:
+        parser.error(str(err))
     args.resnet = _resnet_config()
     if args.quick:
         args.repeats, args.steps, args.warmup, args.width = 1, 2, 1, 64
         args.resnet_widths = args.resnet_widths or [8, 16, 16]
-        if not out_given:
-            args.out = None
     if args.resnet_widths:
         args.resnet["widths"] = list(args.resnet_widths)
     torch.set_num_threads(args.threads)
@@ -481,10 +482,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     for h in heads:
         print(h["line"])
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "constraints.md").write_text(text)
-        (args.out / "constraints.json").write_text(json.dumps(result, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "constraints.md").write_text(text)
+    (args.out / "constraints.json").write_text(json.dumps(result, indent=2))
+    print(f"written: {args.out / 'constraints.md'}")
     return result
 
 

@@ -19,7 +19,7 @@ median over repeats of the ratio to the dense run of the same round:
 and the final sparsity of the conv and linear weights and the test accuracy.
 
     python benchmarks/bench_hardshrink.py            # ~ a few minutes on 1 CPU thread
-    python benchmarks/bench_hardshrink.py --quick    # smoke run, seconds; writes nothing by default
+    python benchmarks/bench_hardshrink.py --quick    # smoke run, seconds; -> a temporary folder or --out
 
 Writes benchmarks/results/hardshrink.md and .json.
 """
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.timing import add_clock_args  # noqa: E402
+from benchmarks.timing import add_clock_args, add_output_args, results_folder  # noqa: E402
 from benchmarks.timing import clock as read_clock  # noqa: E402
 from models import Classifier, DigitsCNN, DigitsDataModule  # noqa: E402
 from plugins.core.schedules import Schedule  # noqa: E402
@@ -221,20 +221,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--accelerator", default="cpu", help="cpu or gpu")
     parser.add_argument("--limit-train-batches", type=int, default=None)
     parser.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the median")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_output_args(parser)
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 2 epochs x 4 steps, 1 round, no files unless --out is given",
+        help="smoke run: 2 epochs x 4 steps, 1 round; writes to --out or a new temporary folder",
     )
     args = parser.parse_args(argv)
-    out_given = any(
-        a == "--out" or a.startswith("--out=") for a in (argv if argv is not None else sys.argv[1:])
-    )
+    try:
+        args.out = results_folder(args.out, args.quick)
+    except ValueError as err:
+        parser.error(str(err))
     if args.quick:
         args.epochs, args.repeats, args.limit_train_batches, args.warmup_steps = 2, 1, 4, 1
-        if not out_given:
-            args.out = None
     torch.set_num_threads(args.threads)
     begin, end = 1, max(1, args.epochs // 2)
     schedule = Schedule(
@@ -276,10 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result = {"meta": meta, "table": table, "runs": runs}
     print(markdown(table, meta))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "hardshrink.md").write_text(markdown(table, meta))
-        (args.out / "hardshrink.json").write_text(json.dumps(result, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "hardshrink.md").write_text(markdown(table, meta))
+    (args.out / "hardshrink.json").write_text(json.dumps(result, indent=2))
+    print(f"written: {args.out / 'hardshrink.md'}")
     return result
 
 
