@@ -28,11 +28,18 @@ class Criterion(ABC):
     element) says which are not pruned yet; ``generator`` is seeded per update and group.
 
     A criterion that needs more than the weights (gradients, activations) overrides
-    :meth:`observe`, which the callback calls after every backward pass."""
+    :meth:`observe`, which the callback calls after every backward pass. One whose scores are the
+    magnitudes of a tensor overrides :meth:`magnitudes`, so that an update reads that tensor in
+    chunks instead of holding every group's scores."""
 
     @abstractmethod
     def scores(self, group: Group, keep: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One score per element."""
+
+    def magnitudes(self, group: Group) -> torch.Tensor | None:
+        """A tensor (one entry per element, in order) whose ``|x|`` are exactly :meth:`scores`, or
+        ``None`` (the default): then :func:`~plugins.core.decision.decide` calls :meth:`scores`."""
+        return None
 
     def prepare(self, groups: list[Group]) -> None:  # noqa: B027 - optional, most criteria need nothing
         """Called once in ``setup`` with the groups, before training: refuse (ConfigError) a group
@@ -67,9 +74,13 @@ class Random(Criterion):
 
 class LpNorm(Criterion):
     """``LnStructured``: the norm of each slice (of all the group's slices together), degree ``p``;
-    on entries (``dim=None``) the magnitude ``|w|``."""
+    on entries (``dim=None``) the magnitude ``|w|``, which an update reads from the weight in
+    chunks (:meth:`magnitudes`) rather than as a score tensor."""
 
     p: float = 2.0
+
+    def magnitudes(self, group):
+        return group.members[0].tensor.detach() if group.dim is None else None
 
     def scores(self, group, keep, generator):
         weights, dim = group.weights(), group.dim
