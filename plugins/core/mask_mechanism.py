@@ -28,12 +28,15 @@ __all__ = ["MaskMechanism", "EntryMasks"]
 class MaskMechanism(ABC):
     """Forms groups in ``setup``, applies keep vectors, bakes at the end of fit.
 
-    ``persistent=True`` keeps a :class:`~plugins.core.masks.Mask` parametrization per tensor (one
-    elementwise product per forward and backward; zeros stay zero); ``False`` zeroes the stored
-    weights at each update and lets them regrow in between (no cost between updates).
+    ``persistent=True`` keeps a :class:`~plugins.core.masks.Mask` per tensor (zeros stay zero; in
+    place where exact, one product per optimizer step, else one per forward and backward: see
+    :mod:`plugins.core.mask_forms`); ``False`` zeroes the stored weights at each update and lets
+    them regrow in between (no cost between updates).
     """
 
     persistent: bool = True
+    #: ``auto``: each mask in place where exact (:mod:`plugins.core.mask_forms`); ``parametrize``: never.
+    form: str = "auto"
 
     @abstractmethod
     def groups(self, trainer: L.Trainer | None, pl_module: nn.Module, targets: list[Target], key: str) -> list[Group]:
@@ -60,7 +63,8 @@ class MaskMechanism(ABC):
         for group in groups:
             for module, tensor_name in self._tensors(group):
                 if self.persistent:
-                    ensure_mask(module, tensor_name, self.mask_shape(group, getattr(module, tensor_name)))
+                    shape = self.mask_shape(group, getattr(module, tensor_name))
+                    ensure_mask(module, tensor_name, shape, inplace=self.form == "auto")
                 elif parametrize.is_parametrized(module, tensor_name):
                     # Without a mask the zeros are written into the stored tensor, and a
                     # constraint's output need not keep them (softplus maps 0 to log 2).

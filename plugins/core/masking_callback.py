@@ -14,7 +14,6 @@ hooks: ``HardshrinkSparsifier``, ``StructuredPruning`` and ``DynamicSparsifier``
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -26,8 +25,10 @@ from plugins.core.allocation import Allocation, Cut
 from plugins.core.criteria import Criterion
 from plugins.core.decision import Group, decide, regrow
 from plugins.core.errors import ConfigError
+from plugins.core.mask_forms import HeldZeros, check_mask_form, held_zeros, mask_forms
 from plugins.core.mask_mechanism import MaskMechanism
 from plugins.core.masks import get_mask, sparsity
+from plugins.core.peak import check_peak
 from plugins.core.plugin import PluginCallback
 from plugins.core.schedules import Schedule, build_schedule
 from plugins.core.selection import DEFAULT_MODULE_TYPES, Target, select_parameters
@@ -40,9 +41,10 @@ class MaskingCallback(PluginCallback):
     Criterion + MaskMechanism.
 
     Cost per update: one criterion score and one exact k-th smallest per cut; between updates,
-    one elementwise product per selected tensor in forward and backward with persistent masks,
-    none without. With ``grow``, one more score and cut per group at each update, and on those
-    steps one captured gradient per selected tensor.
+    with persistent masks one elementwise product per selected tensor per optimizer step (in
+    place) or per forward and backward (parametrized), none without. With ``grow``, one more
+    score and cut per group at each update, and on those steps one captured gradient per
+    selected tensor.
 
     Args:
         schedule: a :class:`Schedule` or a mapping for :func:`build_schedule`.
@@ -61,6 +63,7 @@ class MaskingCallback(PluginCallback):
             prunes before the first step; later ones run just before their step's optimizer step,
             with the dense gradients its backward left in the masks (``Mask.dense_grad``). Logs
             ``regrown``; sparsity is counted by mask (a grown weight is live at 0).
+        mask_form: ``auto`` (in place where exact) or ``parametrize`` (:mod:`plugins.core.mask_forms`).
     """
 
     #: Where ``include``/``exclude``/``module_types`` sit under ``key`` in a config, for errors:
@@ -81,7 +84,9 @@ class MaskingCallback(PluginCallback):
         seed: int | None = None,
         key: str = "sparsity",
         grow: Criterion | None = None,
+        mask_form: str = "auto",
     ) -> None:
+        masks.form = check_mask_form(mask_form, key)
         if grow is not None and not masks.persistent:
             raise ConfigError(f"{key}.grow", type(grow).__name__, "none without persistent masks")
         self.key = key
@@ -106,6 +111,8 @@ class MaskingCallback(PluginCallback):
         self.history: list[dict[str, float]] = []
         self.report: dict[str, Any] | None = None
         self._layer_sparsity: dict[str, float] = {}
+        self.held: HeldZeros | None = None
+        self.forms: dict[str, str] = {}  # selected tensor -> its mask form
 
     def check_targets(self, targets: list[Target]) -> None:
         """Refuse targets this callback cannot act on (in ``setup``); raise ConfigError naming one."""
@@ -141,8 +148,11 @@ class MaskingCallback(PluginCallback):
         self.criterion.prepare(self.groups)
         if self.grow is not None:
             self.grow.prepare(self.groups)
-        self._check_peak()
+        check_peak(self.schedule, self.allocation, self.groups, self.count, self.key)
         self.masks.install(self.groups, self.key)
+        self.held = held_zeros(pl_module)
+        names = {t.name for t in targets}
+        self.forms = {name: form for name, form in mask_forms(pl_module).items() if name in names}
         self.targets = targets
 
     @override
@@ -181,6 +191,7 @@ class MaskingCallback(PluginCallback):
             self._pending = None
             self._update(step, epoch, value, trainer.optimizers)
             self.masks.capture_gradients(self.groups, False)
+        self.held.zero_gradients(trainer.global_step, optimizer)
 
     @override
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -204,6 +215,7 @@ class MaskingCallback(PluginCallback):
             # so that model.pt and summary.json hold the scheduled sparsity.
             self.apply(self.history[-1]["value"], trainer.optimizers)
             self.history.append({**self.history[-1], "step": trainer.global_step, **self.reached()})
+        self.held.check(self.key, trainer.optimizers)
         self.report = self.masks.finish(trainer, pl_module, self.groups, self.bake_at_end)
 
     @override
@@ -238,6 +250,7 @@ class MaskingCallback(PluginCallback):
         """Decide for ``value`` and apply it to every group (zeroes weights and optimizer state);
         with ``grow``, grow back what the update moves (grown entries start at 0, state zeroed)."""
         update = len(self.history)  # in the checkpoint: the same on every rank and after resume
+        self.held.check(self.key, optimizers)
         before = {g.name: self.masks.current(g).reshape(-1) for g in self.groups} if self.grow else {}
         self.cuts, keeps = decide(
             self.groups,
@@ -256,6 +269,7 @@ class MaskingCallback(PluginCallback):
         self.value = value
         options = {"regrow": True} if self.grow is not None else {}  # mechanisms that never regrow omit it
         self.masks.apply(self.groups, keeps, optimizers, **options)
+        self.held.refresh()
 
     @torch.no_grad()
     def reached(self) -> dict[str, float]:
@@ -271,29 +285,12 @@ class MaskingCallback(PluginCallback):
         mask = get_mask(target.module, target.tensor_name) if self.grow is not None else None
         return target.tensor if mask is None else mask.mask.expand(target.raw.shape)
 
-    def _check_peak(self) -> None:
-        """Before training: no schedule value may prune a group below its ``min_keep`` elements."""
-        sizes = {g.name: g.size for g in self.groups if g.min_keep}
-        peak = max(self.schedule.start, self.schedule.end)
-        bounds = self.allocation.bounds(sizes, peak, self.count)
-        for group in self.groups:
-            prune = bounds.get(group.name, -math.inf)
-            if prune > group.size:
-                allowed = f"a count <= {group.describe()}"
-            elif prune > group.size - group.min_keep:
-                least = "one" if group.min_keep == 1 else group.min_keep
-                allowed = (
-                    f"an amount that leaves at least {least} of {group.describe()} "
-                    "(pruning all of them removes the layer)"
-                )
-            else:
-                continue
-            raise ConfigError(f"{self.key}.schedule.end", peak, allowed)
-
     def summary(self) -> dict[str, Any]:
         """Keys for summary.json: the last scheduled value and the sparsity of the selected tensors."""
         reached = self.history[-1] if self.history else {}
+        forms = list(self.forms.values())
         return {
             f"{self.key}/target": reached.get("value"),
             f"{self.key}/selected": sparsity(t.tensor for t in self.targets),
+            f"{self.key}/mask_forms": {form: forms.count(form) for form in sorted(set(forms))},
         }

@@ -43,6 +43,13 @@ __all__ = [
 class Mask(nn.Module):
     """Parametrization ``x -> x * mask``; costs one elementwise product in forward and backward.
 
+    In the in-place form (:attr:`inplace`, set by :func:`ensure_mask` on a tensor with no other
+    parametrization) forward returns ``x`` itself: the stored tensor holds the zeros, and
+    :mod:`plugins.core.mask_forms` keeps them there by zeroing the gradient under every 0 of the
+    mask before each optimizer step (one elementwise product per step, none in forward or
+    backward). The buffer, the checkpoint entries and every other use of the mask are the same in
+    both forms.
+
     While :attr:`capture` is on, the gradient of the loss with respect to the output (the tensor
     the module computes with) is summed into :attr:`dense_grad` at every backward pass: dense, also
     where the mask is 0, unlike the stored tensor's ``.grad``, which the mask zeroes there. A
@@ -53,6 +60,7 @@ class Mask(nn.Module):
     # Class-level defaults: masks pickled before these existed still load.
     capture: bool = False
     dense_grad: torch.Tensor | None = None
+    inplace: bool = False
 
     def __init__(
         self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32, device=None
@@ -62,6 +70,8 @@ class Mask(nn.Module):
         self.register_buffer("mask", torch.ones(shape, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace and not self.capture:
+            return x
         out = x * self.mask
         if self.capture and out.requires_grad:
             out.register_hook(self._add_dense_grad)
@@ -122,16 +132,21 @@ def check_compatible(module: nn.Module, tensor_name: str) -> None:
                 refuse()
 
 
-def ensure_mask(module: nn.Module, tensor_name: str, shape: tuple[int, ...] | None = None) -> Mask:
+def ensure_mask(
+    module: nn.Module, tensor_name: str, shape: tuple[int, ...] | None = None, inplace: bool = False
+) -> Mask:
     """Register an all-ones :class:`Mask` on ``module.tensor_name`` unless one is there already.
 
     ``shape`` defaults to the tensor's own shape; pass a broadcastable one for slice masks. Called
     in ``setup`` so that a checkpoint's state dict (which holds the mask buffers) loads on resume.
+    ``inplace`` asks for the in-place form, given only where it is exact: on a tensor that no
+    constraint parametrizes (a constraint's output need not keep the stored zeros).
     """
     existing = get_mask(module, tensor_name)
     if existing is not None:
         return existing
     check_compatible(module, tensor_name)
+    inplace = inplace and not parametrize.is_parametrized(module, tensor_name)
     tensor = getattr(module, tensor_name)
     mask = Mask(
         tuple(shape) if shape is not None else tuple(tensor.shape),
@@ -139,6 +154,7 @@ def ensure_mask(module: nn.Module, tensor_name: str, shape: tuple[int, ...] | No
         device=tensor.device,
     )
     parametrize.register_parametrization(module, tensor_name, mask, unsafe=True)
+    mask.inplace = inplace
     return mask
 
 

@@ -57,3 +57,13 @@ class PluginCallback(L.Callback):
     def save_plots(self, directory: str | Path) -> list[Path]:
         """Write this plugin's plots into ``directory``; returns their paths."""
         return []
+
+    def headline(self) -> dict[str, float]:
+        """The few numbers that say how this plugin is doing, for the console's epoch line and the
+        progress bar: ``{key}/<what>`` -> value, named as the plugin logs them. By default the
+        sparsity reached at the last update of a plugin that keeps a ``history`` of updates (every
+        masking callback, STR); nothing before its first update. Costs a dictionary lookup."""
+        history = getattr(self, "history", None)
+        if not history or "sparsity" not in history[-1]:
+            return {}
+        return {f"{getattr(self, 'key', type(self).__name__)}/sparsity": float(history[-1]["sparsity"])}

@@ -144,7 +144,7 @@ class HeadMasks(MaskMechanism):
     def install(self, groups, key):
         for group in groups:
             for p in _projections(group):
-                ensure_mask(p.module, p.tensor_name, _mask_shape(group, p))
+                ensure_mask(p.module, p.tensor_name, _mask_shape(group, p), inplace=self.form == "auto")
 
     def apply(self, groups, keeps, optimizers=(), regrow=False):
         if regrow:

@@ -95,6 +95,7 @@ class DynamicSparsifier(MaskingCallback):
         targets: Mapping[str, Any] | None = None,
         bake_at_end: bool = True,
         key: str = "sparsity",
+        mask_form: str = "auto",
     ) -> None:
         _check(f"{key}.amount", amount, is_number(amount) and 0 < amount < 1, "a fraction of zeros in (0, 1)")
         budget = ALLOCATIONS.get(allocation, f"{key}.allocation")
@@ -137,6 +138,7 @@ class DynamicSparsifier(MaskingCallback):
             bake_at_end=bake_at_end,
             key=key,
             grow=grower(),
+            mask_form=mask_form,
         )
         self.amount = amount
         self.allocation_name = allocation

@@ -82,6 +82,9 @@ class HardshrinkSparsifier(MaskingCallback):
         pattern: ``"N:M"`` with ``0 < N < M``, or ``None`` (unstructured). Every selected
             tensor's dim 1 must be a multiple of M (refused in ``setup`` otherwise). Threshold
             mode is refused with a pattern: a lambda says nothing about which N of M stay.
+        mask_form: ``auto`` (the zeros live in the weights, kept by zeroing their gradients before
+            each optimizer step: exact and free in forward) or ``parametrize`` (a mask multiplies
+            the weight in forward); see :mod:`plugins.core.mask_forms`.
 
     Composition (:class:`~plugins.core.masking_callback.MaskingCallback`): the schedule, the
     magnitude criterion, the ``scope`` allocation (or the fixed lambda in threshold mode) and
@@ -103,6 +106,7 @@ class HardshrinkSparsifier(MaskingCallback):
         bake_at_end: bool = True,
         key: str = "sparsity",
         pattern: str | None = None,
+        mask_form: str = "auto",
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"{key}.mode", mode, f"one of {', '.join(MODES)}")
@@ -141,6 +145,7 @@ class HardshrinkSparsifier(MaskingCallback):
             **selection,
             bake_at_end=bake_at_end,
             key=key,
+            mask_form=mask_form,
         )
         self.mode = mode
         self.scope = scope
@@ -204,6 +209,21 @@ class HardshrinkSparsifier(MaskingCallback):
         if self.pattern is not None:
             out[f"{self.key}/pattern"] = str(self.pattern)
             out[f"{self.key}/patterned"] = nm_fraction([t.tensor for t in self.targets], self.pattern)
+        return out
+
+    @override
+    def headline(self) -> dict[str, float]:
+        """``{key}/sparsity`` reached at the last update and its lambda (``{key}/lambda``; with one
+        lambda per tensor the largest, ``{key}/lambda_max``) or, with a pattern, ``{key}/patterned``."""
+        out = super().headline()
+        last = self.history[-1] if self.history else {}
+        lambdas = [v for k, v in last.items() if k.startswith("lambda/")]
+        if "patterned" in last:
+            out[f"{self.key}/patterned"] = float(last["patterned"])
+        elif "lambda" in last:
+            out[f"{self.key}/lambda"] = float(last["lambda"])
+        elif lambdas:
+            out[f"{self.key}/lambda_max"] = float(max(lambdas))
         return out
 
     def save_plots(self, directory: str | Path) -> list[Path]:

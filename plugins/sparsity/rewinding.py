@@ -133,6 +133,7 @@ class IterativeMagnitudePruning(MaskingCallback):
         targets: Mapping[str, Any] | None = None,
         bake_at_end: bool = True,
         key: str = "sparsity",
+        mask_form: str = "auto",
     ) -> None:
         for name, value in (("rounds", rounds), ("epochs_per_round", epochs_per_round)):
             if not _whole(value, 1):
@@ -159,6 +160,7 @@ class IterativeMagnitudePruning(MaskingCallback):
             **selection,
             bake_at_end=bake_at_end,
             key=key,
+            mask_form=mask_form,
         )
         self.rounds = rounds
         self.epochs_per_round = epochs_per_round
