@@ -24,6 +24,8 @@ from plugins.core.errors import ConfigError
 from runner import command_line, validation
 from runner.build import build_callbacks, build_loggers, build_model, build_plugins, close_loggers
 from runner.checkpoints import AtomicCheckpointIO, resolve_resume, stop_on_signal
+from runner.console import quiet_known_noise
+from runner.dashboards import publish
 from runner.ddp import use_job_scoped_ddp_children
 from runner.logger_history import keep_history
 from runner.outputs import optimized_value, write_outputs
@@ -50,6 +52,7 @@ def run(cfg: DictConfig) -> float:
 
 def train(cfg: DictConfig) -> float:
     started = time.time()
+    quiet_known_noise()  # the litlogger tip and the _pytree deprecation: nothing about this run
     # Validate: every value a user can type, before anything is built or written.
     validation.check_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
@@ -80,7 +83,9 @@ def train(cfg: DictConfig) -> float:
         print(resume_line, flush=True)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    # Fit, then test.
+    # Fit, then test; then (rank zero) write the outputs and show them in the dashboards, whose
+    # loggers close last: W&B's run summary and TensorBoard's hparams need the final metrics.
+    summary = None
     try:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -89,12 +94,13 @@ def train(cfg: DictConfig) -> float:
         # The last validation epoch's metrics: what a sweeper optimizes (optimized_metric).
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         metrics.update({k: float(v) for k, v in trainer.test(module, datamodule=datamodule, verbose=False)[0].items()})
+        if trainer.is_global_zero:
+            summary = write_outputs(cfg, module, datamodule, plugins, metrics, output_dir, started)
+            publish(loggers, cfg, summary, [output_dir / name for name in summary["plots"]], trainer.global_step)
     finally:
         close_loggers(loggers)
-    if not trainer.is_global_zero:
+    if summary is None:  # DDP's other ranks
         return float(metrics["test/acc"])
-    # Write the outputs.
-    summary = write_outputs(cfg, module, datamodule, plugins, metrics, output_dir, started)
     return optimized_value(cfg, summary)
 
 

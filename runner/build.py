@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from plugins.core.errors import ConfigError
 from runner.checkpoints import LastCheckpoint, RandomState, best_checkpoint
-from runner.console import EpochLine
+from runner.console import EpochLine, HeadlineProgressBar
 
 __all__ = ["build_model", "build_plugins", "build_loggers", "build_callbacks", "close_loggers"]
 
@@ -57,9 +57,8 @@ def build_loggers(cfg: DictConfig, resume_step: int | None = None) -> list[Any]:
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, plugins: list[L.Callback]) -> list[L.Callback]:
     """Plugins first (their epoch-end work is in the checkpoint), then the user's extra callbacks,
-    the random state, and the checkpoints: last.ckpt (resume) and the best epoch (ckpt_path="best")."""
-    from lightning.pytorch.callbacks import RichProgressBar
-
+    the random state, the checkpoints: last.ckpt (resume) and the best epoch (ckpt_path="best"), and
+    the console (a progress bar on a terminal, an epoch line elsewhere), both with the plugins' headlines."""
     extra = [
         hydra.utils.instantiate(node, _convert_="all")
         for node in (cfg.get("callbacks") or {}).values()
@@ -76,9 +75,9 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, plugins: list[L.Callback]
         LastCheckpoint(output_dir / "checkpoints", checkpoint.get("every_n_train_steps")),
     ]
     if sys.stdout.isatty():
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(HeadlineProgressBar(plugins, leave=True))
     else:
-        callbacks.append(EpochLine())
+        callbacks.append(EpochLine(plugins))
     return callbacks
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -65,6 +66,28 @@ def export_program(net: torch.nn.Module, example: torch.Tensor, path: Path) -> s
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
+def extra_exports(asked: Mapping[str, Any], net: torch.nn.Module, example: torch.Tensor, output_dir: Path) -> dict:
+    """``export.sparse`` (``model_sparse.pt2``, timed on the test batch ``example``) and
+    ``export.onnx`` (``model.onnx``, checked in onnxruntime): their summary keys. A model that cannot
+    be exported is a warning and a reason in the summary, never a failed run: model.pt is written."""
+    out: dict[str, Any] = {}
+    if asked.get("sparse"):
+        from plugins.export import write_sparse_export
+
+        out["export_sparse"] = write_sparse_export(net, example, output_dir)
+    if asked.get("onnx"):
+        from plugins.export import export_onnx
+
+        try:
+            checked = export_onnx(net, example[:2], output_dir / "model.onnx")
+            out["export_onnx"] = {**{k: v for k, v in checked.items() if k != "path"}, "written": "model.onnx"}
+        except Exception as err:  # noqa: BLE001 - any exporter failure: keep the run, say why
+            log.warning("model.onnx not written: %s: %s", type(err).__name__, err)
+            (output_dir / "model.onnx").unlink(missing_ok=True)
+            out["export_onnx"] = {"written": None, "reason": f"{type(err).__name__}: {err}"}
+    return out
+
+
 def train_metrics(module: L.LightningModule) -> dict[str, float]:
     """The last training epoch's metrics (``train/acc`` ...) when the module keeps them, as
     :class:`models.Classifier` does in ``last_train_metrics``; ``trainer.test`` clears the
@@ -84,7 +107,9 @@ def write_outputs(
 ) -> dict[str, Any]:
     """``model.pt`` (on CPU, so it loads without the run's accelerator), ``model.pt2``, the plots
     and ``summary.json``; returns the summary, which holds ``metrics`` and the last training
-    epoch's :func:`train_metrics` (``train/acc``: did the run fit its training set?)."""
+    epoch's :func:`train_metrics` (``train/acc``: did the run fit its training set?). Its
+    ``plots`` key lists the plot files written (names in ``output_dir``), which
+    :func:`runner.dashboards.publish` logs as images."""
     net = module.net
     summary: dict[str, Any] = {
         **train_metrics(module),
@@ -97,14 +122,17 @@ def write_outputs(
         "data": cfg.data.get("name", "digits"),
         "model": cfg.model._target_.rsplit(".", 1)[-1],
     }
+    plots: list[Path] = []
     for plugin in plugins:
         if isinstance(plugin, Reports):
-            plugin.save_plots(output_dir)
+            plots += plugin.save_plots(output_dir)
             summary.update(plugin.summary())
+    summary["plots"] = [Path(p).name for p in plots]
     net.cpu()
     write_atomically(output_dir / "model.pt", lambda tmp: torch.save(net, tmp))
     example, _ = next(iter(datamodule.test_dataloader()))
     summary["export"] = export_program(net, example[:2], output_dir / "model.pt2") or "model.pt2"
+    summary.update(extra_exports(cfg.get("export") or {}, net, example, output_dir))
     summary["duration_s"] = time.time() - started
     write_json(output_dir / "summary.json", summary)
     log.info("test/acc=%.4f  outputs in %s", summary["test/acc"], output_dir)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -34,6 +35,9 @@ from plugins.core.plugin import PluginCallback
 from plugins.core.selection import select_parameters
 
 __all__ = ["WeightConstraints", "Applied"]
+
+#: The most constraints whose lines the violation plot labels in a legend.
+LEGEND_MAX = 16
 
 @dataclass
 class Applied:
@@ -65,7 +69,9 @@ class WeightConstraints(PluginCallback):
     Logs at each epoch end (and every ``log_every_n_steps`` steps when set) through
     ``pl_module.log_dict``: ``{key}/<tensor>/<constraint>`` and ``{key}/max_violation``; for a
     constraint with a target (``learned_mask``), also ``{key}/<tensor>/<constraint>/closed``. Before
-    every optimizer step, such constraints take one control step (:meth:`control`).
+    every optimizer step, such constraints take one control step (:meth:`control`). The logged
+    violations are also kept (``history``, in the checkpoint: one number per constraint per log) and
+    plotted at the end (``{key}_violations.png``).
 
     Args:
         rules: a list of ``{name, include, exclude, module_types, args, allow_masked}``: ``name``
@@ -104,6 +110,7 @@ class WeightConstraints(PluginCallback):
         self.projections = 0
         self._hooks: list[Any] = []
         self._final: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []  # {"step": s, "<tensor>/<constraint>": violation, ...}
 
     # --- the transform ----------------------------------------------------------------------------
 
@@ -261,16 +268,21 @@ class WeightConstraints(PluginCallback):
     def state_dict(self) -> dict[str, Any]:
         # The constrained tensors (and learned scores, PyTorch's trivialization bases) travel in the
         # checkpoint's plain state dict and its ``parametrizations`` (plugins.core.checkpoint_form).
-        return {"projections": self.projections}
+        return {"projections": self.projections, "history": list(self.history)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.projections = int(state_dict.get("projections", 0))
+        self.history = list(state_dict.get("history", []))
 
     def _log(self, pl_module: L.LightningModule, on_step: bool) -> None:
         values = self.violations()
         if not values:
             return
+        step = pl_module.global_step
+        if self.history and self.history[-1]["step"] == step:  # an epoch end on a step already logged
+            self.history.pop()
+        self.history.append({"step": step, **values})
         metrics = {f"{self.key}/{label}": v for label, v in values.items()}
         metrics[f"{self.key}/max_violation"] = max(values.values())
         for a in self.applied:
@@ -279,6 +291,43 @@ class WeightConstraints(PluginCallback):
         pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step, sync_dist=False)
 
     # --- run outputs ------------------------------------------------------------------------------
+
+    @override
+    def headline(self) -> dict[str, float]:
+        """``{key}/max_violation``: the worst violation at the last log (none before the first)."""
+        last = {k: v for k, v in (self.history[-1] if self.history else {}).items() if k != "step"}
+        return {f"{self.key}/max_violation": max(last.values())} if last else {}
+
+    def save_plots(self, directory: str | Path) -> list[Path]:
+        """Write ``{key}_violations.png``: each constraint's violation at each log (every epoch end,
+        and every ``log_every_n_steps`` steps when set) against the optimizer step; returns its path."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{self.key}_violations.png"
+        labels = list(dict.fromkeys(k for h in self.history for k in h if k != "step"))
+        steps = [h["step"] for h in self.history]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for label in labels:
+            ax.plot(steps, [h.get(label, float("nan")) for h in self.history], marker="o", markersize=3, label=label)
+        # Violations span decades and are often exactly 0 (a parametrization holds by construction).
+        positive = [v for h in self.history for k, v in h.items() if k != "step" and v > 0]
+        if positive:
+            ax.set_yscale("symlog", linthresh=min(positive))
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("violation (on the weight the module computes with)")
+        ax.set_title(f"{self.key}: violation per constraint")
+        if 0 < len(labels) <= LEGEND_MAX:  # more lines than that: a legend hides the plot
+            ax.legend(fontsize="small", loc="best")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return [path]
 
     def summary(self) -> dict[str, Any]:
         """``{key}``: ``<tensor>/<constraint>`` -> violation on the final weights (once baked: as

@@ -19,7 +19,10 @@ every resumed run draws the same channels.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from typing_extensions import override
 
 from plugins.core.allocation import ALLOCATIONS
 from plugins.core.arguments import accepted_arguments
@@ -37,6 +40,8 @@ __all__ = ["StructuredPruning", "PRUNABLE_TYPES"]
 PRUNABLE_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Linear")
 #: Criteria that score heads: the ones that read only the weights (:meth:`HeadGroup.weights`).
 HEAD_CRITERIA = ("random", "l1", "l2", "fpgm")
+#: The most units whose lines a plot labels in a legend.
+LEGEND_MAX = 16
 
 
 class StructuredPruning(MaskingCallback):
@@ -44,8 +49,9 @@ class StructuredPruning(MaskingCallback):
 
     Composition (:class:`~plugins.core.masking_callback.MaskingCallback`): the schedule, the
     ``method`` criterion, the ``allocation`` and slice masks (coupling, compaction). Logs
-    ``{key}/value``, ``{key}/sparsity`` and ``{key}/kept/<unit>`` at each epoch end; costs one
-    trace of the model in ``setup`` when coupling or compacting.
+    ``{key}/value``, ``{key}/sparsity``, ``{key}/kept/<unit>`` and ``{key}/kept_fraction`` at each
+    epoch end and plots the kept slices per unit (``{key}_channels.png``); costs one trace of the
+    model in ``setup`` when coupling or compacting.
 
     Args:
         method: a registered criterion (:data:`plugins.core.criteria.CRITERIA`): ``random``, ``l1``,
@@ -149,7 +155,44 @@ class StructuredPruning(MaskingCallback):
         return self.report
 
     def record(self) -> dict[str, float]:
-        return {f"kept/{g.name}": float(self.masks.current(g).sum()) for g in self.groups}
+        """Slices (heads) kept per unit, ``kept/<unit>``, and over all units, ``kept_fraction``."""
+        kept = {g.name: float(self.masks.current(g).sum()) for g in self.groups}
+        total = sum(g.size for g in self.groups)
+        return {**{f"kept/{n}": k for n, k in kept.items()}, "kept_fraction": sum(kept.values()) / max(total, 1)}
+
+    @override
+    def headline(self) -> dict[str, float]:
+        """``{key}/kept_fraction``: the fraction of slices (heads) kept at the last update, over all units."""
+        last = self.history[-1] if self.history else {}
+        return {f"{self.key}/kept_fraction": float(last["kept_fraction"])} if "kept_fraction" in last else {}
+
+    def save_plots(self, directory: str | Path) -> list[Path]:
+        """Write ``{key}_channels.png``: slices (heads) kept per unit at each update, against the
+        optimizer step; returns its path. Costs one small figure."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{self.key}_channels.png"
+        steps = [h["step"] for h in self.history]
+        what = "heads" if self.heads else ("channels" if self.dim == 0 else f"slices along dim {self.dim}")
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for group in self.groups:
+            kept = [h.get(f"kept/{group.name}", float("nan")) for h in self.history]
+            ax.step(steps, kept, where="post", marker="o", markersize=3, label=f"{group.name} (of {group.size})")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"{what} kept")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"structured pruning, method={self.method}: {what} kept per unit")
+        if len(self.groups) <= LEGEND_MAX:  # more lines than that: a legend hides the plot
+            ax.legend(fontsize="small", loc="lower left")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return [path]
 
     def channels(self) -> dict[str, str]:
         """Target name -> "kept/total" slices along ``dim`` (attention module -> heads with ``heads``)."""
