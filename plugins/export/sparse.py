@@ -1,0 +1,357 @@
+"""sparse_export(): a baked model whose layers that run faster sparse hold CSR/BSR weights.
+
+A baked model keeps its zeros in dense tensors, which cost as much as any other value. Each
+``Linear`` (and Hugging Face ``Conv1D``, and 1x1 convolution) is offered to MKL's sparse kernels in
+the forms ``candidates`` names; the form is chosen per layer by timing it against the dense layer on
+the input that layer really receives from ``example_input``. A layer keeps its dense weight unless
+a sparse form is at least ``min_speedup`` times faster. The exported model must give the baked
+model's outputs within ``atol`` (scaled by the output's size, see :func:`choose.tolerance`), layer
+by layer and end to end, or the export raises naming the layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_leaves
+
+from plugins.core.errors import ConfigError
+from plugins.export.choose import capture_inputs, max_difference, run, time_candidates, tolerance
+from plugins.export.layers import as_matrix, is_linear_like, parse_form, sparse_twin
+
+__all__ = ["SparseExportMismatch", "save_sparse_export", "sparse_export", "write_sparse_export"]
+
+log = logging.getLogger(__name__)
+
+Example = torch.Tensor | tuple
+
+
+class SparseExportMismatch(RuntimeError):
+    """The exported model's outputs differ from the baked model's beyond the tolerance."""
+
+
+def _refuse_unbaked(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        pruned = any(k.endswith("_orig") for k, _ in module.named_parameters(recurse=False))
+        if parametrize.is_parametrized(module) or pruned:
+            what = "parametrized" if parametrize.is_parametrized(module) else "pruned with torch.nn.utils.prune"
+            raise ConfigError(
+                "sparse_export(model)",
+                f"{name or 'model'} is {what}",
+                "a baked model: call plugins.bake(model) (or torch.nn.utils.prune.remove) first; "
+                "baking keeps the zeros and removes the masks",
+            )
+
+
+def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            owners.setdefault(param.data_ptr(), []).append(f"{name}.{pname}" if name else pname)
+    return owners
+
+
+def _check_forms(forms: dict[str, str], layers: dict[str, Any]) -> None:
+    for name, form in forms.items():
+        if name not in layers:
+            raise ConfigError(f"forms[{name!r}]", form, f"a Linear-like layer of the model: {sorted(layers)}")
+        try:
+            parse_form(form)
+        except ValueError:
+            raise ConfigError(f"forms[{name!r}]", form, "'dense', 'csr' or 'bsr<k>' (k >= 2)") from None
+
+
+def _block_fill(weight: torch.Tensor, block: int) -> float:
+    out, inp = weight.shape
+    nonzero = (weight != 0).reshape(out // block, block, inp // block, block)
+    return nonzero.any(dim=3).any(dim=1).float().mean().item()
+
+
+def _usable(form: str, weight: torch.Tensor, max_block_fill: float) -> bool:
+    block = parse_form(form)
+    if block is None or block == 1:
+        return block == 1
+    if weight.shape[0] % block or weight.shape[1] % block:
+        return False
+    # A BSR block is stored whole: with most blocks holding a nonzero it costs more than dense.
+    return _block_fill(weight, block) <= max_block_fill
+
+
+def _row(name: str, module: nn.Module, weight: torch.Tensor) -> dict[str, Any]:
+    zeros = (weight == 0).sum().item() / max(weight.numel(), 1)
+    return {"layer": name, "type": type(module).__name__, "shape": list(weight.shape), "zeros": round(zeros, 6)}
+
+
+def _forms_to_time(weight: torch.Tensor, forced: str | None, options: dict[str, Any]) -> tuple[list[str], str]:
+    """The sparse forms to time for one layer, and why."""
+    if forced is not None:
+        return ([forced] if forced != "dense" else []), "forced"
+    if (weight == 0).float().mean().item() < options["min_zeros"]:
+        return [], f"zeros below min_zeros={options['min_zeros']}"
+    forms = [f for f in options["candidates"] if _usable(f, weight, options["max_block_fill"])]
+    return forms, "timed" if forms else "no sparse form fits (block size or block fill)"
+
+
+def _decide(
+    name: str, module: nn.Module, x: torch.Tensor, forced: str | None, options: dict[str, Any]
+) -> tuple[dict[str, Any], nn.Module]:
+    """The record row of one layer and the module to put in its place."""
+    weight, _ = as_matrix(module)
+    row = _row(name, module, weight)
+    forms, row["reason"] = _forms_to_time(weight, forced, options)
+    twins = {form: sparse_twin(module, form) for form in forms}
+    budget, min_reps = (options["budget_s"], 3) if twins else (0.0, 1)
+    times, outputs = time_candidates({"dense": module, **twins}, x, budget, min_reps)
+    for form in twins:
+        diff = max_difference(outputs[form], outputs["dense"])
+        if not diff <= tolerance(outputs["dense"], options["atol"]):
+            raise SparseExportMismatch(f"layer {name!r} as {form} differs from dense by {diff:.3g}")
+    best = min(twins, key=times.get, default="dense")
+    faster = bool(twins) and times[best] * options["min_speedup"] < times["dense"]
+    chosen = best if forced is not None or faster else "dense"
+    row.update(
+        form=chosen,
+        dense_ms=round(1e3 * times["dense"], 4),
+        candidates_ms={form: round(1e3 * times[form], 4) for form in twins},
+        speedup=round(times["dense"] / times[chosen], 3),
+    )
+    return row, twins.get(chosen, module)
+
+
+def _skip_row(name: str, module: nn.Module, reason: str) -> dict[str, Any]:
+    matrix = as_matrix(module)
+    if isinstance(matrix, str):
+        return {"layer": name, "type": type(module).__name__, "form": "dense", "reason": reason}
+    return {**_row(name, module, matrix[0]), "form": "dense", "reason": reason}
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def _outputs(model: nn.Module, example: Example) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(run(model, example)) if isinstance(t, torch.Tensor)]
+
+
+def _first_layer_apart(dense: nn.Module, exported: nn.Module, names: list[str], example: Example, atol: float) -> str:
+    """The first swapped layer (in call order) whose output differs beyond the tolerance."""
+    seen: dict[str, dict[str, torch.Tensor]] = {"dense": {}, "sparse": {}}
+    handles = []
+    for key, model in (("dense", dense), ("sparse", exported)):
+        for name in names:
+            hook = (lambda store, n: lambda m, a, out: store.setdefault(n, out.detach().clone()))(seen[key], name)
+            handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        run(dense, example), run(exported, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in seen["sparse"]:
+        diff = max_difference(seen["sparse"][name], seen["dense"][name])
+        if not diff <= tolerance(seen["dense"][name], atol):
+            return f"layer {name!r} (output differs by {diff:.3g})"
+    return f"no single sparse layer ({', '.join(names)})"
+
+
+def _verify(dense: nn.Module, exported: nn.Module, swapped: list[str], example: Example, atol: float) -> None:
+    expected, got = _outputs(dense, example), _outputs(exported, example)
+    diffs = [max_difference(g, e) for g, e in zip(got, expected, strict=True)]
+    for diff, ref in zip(diffs, expected, strict=True):
+        if not diff <= tolerance(ref, atol):
+            culprit = _first_layer_apart(dense, exported, swapped, example, atol)
+            raise SparseExportMismatch(f"sparse export differs from the baked model by {diff:.3g}: {culprit}")
+
+
+def sparse_export(
+    model: nn.Module,
+    example_input: Example,
+    path: str | Path | None = None,
+    *,
+    forms: dict[str, str] | None = None,
+    candidates: tuple[str, ...] = ("csr", "bsr16", "bsr32"),
+    min_zeros: float = 0.5,
+    min_speedup: float = 1.05,
+    max_block_fill: float = 0.5,
+    budget_s: float = 0.3,
+    atol: float = 1e-5,
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """A copy of the baked ``model`` (eval mode, inference only) whose faster layers run sparse.
+
+    Args:
+        model: a baked model (no parametrization, no ``torch.nn.utils.prune`` hooks); not changed.
+        example_input: a tensor, or a tuple of arguments, the model is called with; each layer is
+            timed on the input it receives then (its batch size decides the fastest form).
+        path: where to write the exported model (see :func:`save_sparse_export`); nothing if None.
+        forms: layer name -> ``"dense"``, ``"csr"`` or ``"bsr<k>"``: these layers take that form
+            without timing deciding (still timed and checked).
+        candidates: the sparse forms timed against dense; ``bsr<k>`` only where ``k`` divides both
+            sides and at most ``max_block_fill`` of the blocks hold a nonzero.
+        min_zeros: layers with fewer zeros stay dense untimed.
+        min_speedup: a sparse form must be this many times faster than dense to be chosen.
+        budget_s: time spent timing one layer (about; at least 3 rounds).
+        atol: outputs must agree within ``atol * max(1, max |output|)``.
+
+    Returns:
+        The exported module and the record: one JSON-serializable dict per Linear-like layer
+        (``layer``, ``type``, ``shape``, ``zeros``, ``form``, ``reason``, and when timed
+        ``dense_ms``, ``candidates_ms``, ``speedup``).
+
+    Raises:
+        ConfigError: a parametrized model, or ``forms`` naming an unknown layer or form.
+        SparseExportMismatch: outputs differ beyond the tolerance (naming the layer).
+    """
+    _refuse_unbaked(model)
+    exported = copy.deepcopy(model).eval()
+    layers = {name: as_matrix(m) for name, m in exported.named_modules() if is_linear_like(m)}
+    forms = dict(forms or {})
+    _check_forms(forms, layers)
+    options = {
+        "candidates": candidates,
+        "min_zeros": min_zeros,
+        "min_speedup": min_speedup,
+        "max_block_fill": max_block_fill,
+        "budget_s": budget_s,
+        "atol": atol,
+    }
+    inputs = capture_inputs(exported, [n for n, r in layers.items() if not isinstance(r, str)], example_input)
+    owners = _weight_owners(exported)
+    record, replacements = [], {}
+    for name in layers:
+        module = exported.get_submodule(name)
+        reason = _why_dense(name, module, layers[name], inputs, owners)
+        if reason is not None:
+            if forms.get(name, "dense") != "dense":
+                raise ConfigError(f"forms[{name!r}]", forms[name], f"'dense' only: {reason}")
+            record.append(_skip_row(name, module, reason))
+            continue
+        row, new = _decide(name, module, inputs[name], forms.get(name), options)
+        record.append(row)
+        if new is not module:
+            replacements[name] = new
+    for name, new in replacements.items():
+        _swap(exported, name, new)
+    with _eval(model):
+        _verify(model, exported, list(replacements), example_input, atol)
+    if path is not None:
+        save_sparse_export(exported, example_input, record, path)
+    return exported, record
+
+
+def _why_dense(name, module, matrix, inputs, owners) -> str | None:
+    if isinstance(matrix, str):
+        return matrix
+    if name not in inputs:
+        return "never called as a module while running example_input (its parent reads the weight)"
+    shared = owners.get(module.weight.data_ptr(), [])
+    if len(shared) > 1:
+        return f"weight tied to {[s for s in shared if not s.startswith(name + '.')]}: kept dense to stay tied"
+    return None
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the other run outputs are readable
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _program(module: nn.Module, example: Example) -> torch.export.ExportedProgram:
+    args = example if isinstance(example, tuple) else (example,)
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] > 1 else None for a in args)
+    try:
+        return torch.export.export(module, args, dynamic_shapes=dynamic)
+    except Exception:  # some models trace only at a fixed batch size
+        return torch.export.export(module, args)
+
+
+def save_sparse_export(
+    module: nn.Module, example_input: Example, record: list[dict[str, Any]], path: str | Path
+) -> Path:
+    """Write ``module`` (from :func:`sparse_export`) and its record; returns the model file.
+
+    ``path`` (e.g. ``model_sparse.pt2``) receives a ``torch.export`` program, dynamic in the batch
+    size where the model allows it; it runs after ``import plugins.export.ops`` (torch only, it
+    registers the sparse operator) with ``torch.export.load(path).module()``. If ``torch.export``
+    cannot trace the model, ``path`` with suffix ``.pt`` receives ``torch.save(module)`` instead (a
+    pickle: ``torch.load(p, weights_only=False)`` with this package importable), and a warning
+    says why. The record goes to ``path`` with suffix ``.json``. Both are written atomically.
+    """
+    path = Path(path)
+    _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    try:
+        program = _program(module, example_input)
+    except Exception as err:  # the pickle below still saves the model
+        log.warning("%s not written: torch.export failed (%s: %s); pickled", path.name, type(err).__name__, err)
+        fallback = path.with_suffix(".pt")
+        _atomic_write(fallback, lambda tmp: torch.save(module, tmp))
+        return fallback
+    _atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+    return path
+
+
+def _summary(record: list[dict[str, Any]]) -> dict[str, Any]:
+    timed = [r for r in record if "dense_ms" in r]
+    dense = sum(r["dense_ms"] for r in timed)
+    chosen = sum(r["dense_ms"] / r["speedup"] for r in timed)
+    forms: dict[str, int] = {}
+    for row in record:
+        forms[row["form"]] = forms.get(row["form"], 0) + 1
+    return {
+        "layers": len(record),
+        "forms": forms,
+        "layer_time_speedup": round(dense / chosen, 3) if chosen else None,
+    }
+
+
+def write_sparse_export(net: nn.Module, example: Example, folder: str | Path) -> dict[str, Any]:
+    """End of a run: ``model_sparse.pt2`` (or ``.pt``) and ``model_sparse.json`` in ``folder``.
+
+    Never raises: a model that cannot be exported gives ``{"written": None, "reason": ...}`` (and a
+    warning). When no layer runs faster sparse, only the record is written. Returns the summary
+    (``written``, ``layers``, ``forms`` counts, ``layer_time_speedup``: the summed time of the timed
+    layers, dense / as exported).
+    """
+    try:
+        net = copy.deepcopy(net).cpu()
+        example = tuple(a.cpu() for a in example) if isinstance(example, tuple) else example.cpu()
+        module, record = sparse_export(net, example)
+        summary = _summary(record)
+        target = Path(folder) / "model_sparse.pt2"
+        if summary["forms"].keys() <= {"dense"}:
+            _atomic_write(target.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+            return {"written": None, "reason": "no layer runs faster sparse", **summary}
+        written = save_sparse_export(module, example, record, target)
+        return {"written": written.name, **summary}
+    except Exception as err:  # the end of a run must not fail on an optional output
+        log.warning("sparse export skipped: %s: %s", type(err).__name__, err)
+        return {"written": None, "reason": f"{type(err).__name__}: {err}"}
