@@ -18,7 +18,8 @@ The rules are general, derived from the config and the code, not from a list of 
   value overrides: no new keys (except a ``+name={_target_: ...}`` object such as a callback), a
   boolean stays a boolean and a number a number;
 - Lightning checks its own Trainer arguments in a throwaway ``Trainer`` that writes nothing;
-- ``trainer.max_epochs`` is at least 1 and every schedule window starts before the last epoch;
+- ``trainer.max_epochs`` is at least 1 and every schedule window starts before the last epoch,
+  for every value a sweeper's search space (``hydra.sweeper.params``) can draw;
 - ``optimized_metric`` names a number the run writes to ``summary.json``;
 - a checkpoint has this model's tensors and this run's plugins.
 """
@@ -48,6 +49,7 @@ __all__ = [
     "check_finite",
     "check_trainer",
     "check_schedule_windows",
+    "search_space_bounds",
     "check_optimized_metric",
     "read_checkpoint",
     "check_checkpoint_matches",
@@ -368,20 +370,72 @@ def _schedules(node: DictConfig | ListConfig, path: str) -> Iterator[tuple[str, 
         yield from _schedules(value, key)
 
 
+def search_space_bounds(cfg: DictConfig) -> dict[str, tuple[float, float]]:
+    """``(lowest, highest)`` of each numeric key a sweeper searches (``hydra.sweeper.params``:
+    Optuna's ``interval()``/``range()``/``choice()``, the basic sweeper's ``a,b,c``); keys whose
+    values are not all numbers, and expressions Hydra cannot parse (its own error comes later),
+    are left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None)
+    if not isinstance(params, DictConfig):
+        return {}
+    parser = OverridesParser.create()
+    bounds = {}
+    for key, text in _children(params):
+        try:
+            override = parser.parse_override(f"{key}={text}")
+            values = _space_numbers(override)
+        except Exception:  # noqa: BLE001 - a malformed space is the sweeper's to report
+            continue
+        if values and all(is_number(v) for v in values):
+            bounds[key] = (min(values), max(values))
+    return bounds
+
+
+def _space_numbers(override: Any) -> list[Any]:
+    """The values an override can take, or an interval's two ends (all a bound needs)."""
+    if not override.is_sweep_override():
+        return [override.value()]
+    if override.is_interval_sweep():
+        return [override.value().start, override.value().end]
+    return list(override.sweep_iterator())
+
+
 def check_schedule_windows(cfg: DictConfig) -> None:
     """A schedule (any node with ``begin_epoch``) must start before ``trainer.max_epochs`` ends
-    the run, or the plugin would never act and say nothing."""
+    the run, or the plugin would never act and say nothing. With a search space
+    (``hydra.sweeper.params``, Optuna's or a grid's) every trial must be able to act: the latest
+    ``begin_epoch`` it can draw before the fewest ``trainer.max_epochs`` it can draw."""
+    space = search_space_bounds(cfg)
     trainer = cfg.get("trainer")
     max_epochs = trainer.get("max_epochs") if isinstance(trainer, DictConfig) else None
+    epochs_searched = "trainer.max_epochs" in space
+    if epochs_searched:
+        max_epochs = space["trainer.max_epochs"][0]
     if not is_number(max_epochs):
         return
+    max_epochs = int(max_epochs)
+    searched = ", the fewest hydra.sweeper.params draws," if epochs_searched else ""
+    epochs = f"trainer.max_epochs={max_epochs}{searched}"
     for key, schedule in _schedules(cfg, ""):
+        begin_key = f"{key}.begin_epoch"
+        if begin_key in space:
+            begin = space[begin_key][1]
+            if begin >= max_epochs:
+                raise ConfigError(
+                    f"hydra.sweeper.params.{begin_key}",
+                    str(cfg.hydra.sweeper.params[begin_key]),
+                    f"a search space whose every begin_epoch is before {epochs}: a trial drawing "
+                    f"begin_epoch={begin:g} would never start its schedule",
+                )
+            continue
         begin = schedule.get("begin_epoch")
         if is_number(begin) and begin >= max_epochs:
             raise ConfigError(
-                f"{key}.begin_epoch",
+                begin_key,
                 begin,
-                f"an epoch before trainer.max_epochs={max_epochs} (the run trains epochs 0 to "
+                f"an epoch before {epochs} (the run trains epochs 0 to "
                 f"{max_epochs - 1}; this schedule would never start)",
             )
 
