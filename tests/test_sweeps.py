@@ -3,9 +3,9 @@ Optuna search, the joblib launcher and the submitit launcher's config."""
 
 from __future__ import annotations
 
-import re
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
