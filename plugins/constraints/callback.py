@@ -16,7 +16,6 @@ Without Lightning (a model transform): ``constraints.apply(model)``, then
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,32 +25,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 from typing_extensions import override
 
-from plugins.constraints.base import Constraint, ConstraintError
-from plugins.constraints.registry import build_constraint
-from plugins.constraints.rules import Rule, parse_rules
+from plugins.constraints.applied import Applied, register_rule
+from plugins.constraints.base import Constraint
+from plugins.constraints.rules import parse_rules
 from plugins.core.errors import ConfigError
-from plugins.core.masks import get_mask
+from plugins.core.history_plot import plot_history
 from plugins.core.plugin import PluginCallback
 from plugins.core.selection import select_parameters
 
 __all__ = ["WeightConstraints", "Applied"]
-
-#: The most constraints whose lines the violation plot labels in a legend.
-LEGEND_MAX = 16
-
-@dataclass
-class Applied:
-    """A constraint registered on one tensor."""
-
-    target: str
-    module: nn.Module
-    tensor_name: str
-    constraint: nn.Module
-    rule: Rule
-
-    @property
-    def label(self) -> str:
-        return f"{self.target}/{self.rule.name}"
 
 
 class WeightConstraints(PluginCallback):
@@ -122,43 +104,9 @@ class WeightConstraints(PluginCallback):
         for rule in self.rules:
             targets = select_parameters(model, rule.include, rule.exclude, rule.module_types, key=rule.key)
             for target in targets:
-                applied.append(self._register(rule, target.name, target.module, target.tensor_name))
+                applied.append(register_rule(rule, target.name, target.module, target.tensor_name))
         self.applied = applied
         return applied
-
-    def _register(self, rule: Rule, name: str, module: nn.Module, tensor_name: str) -> Applied:
-        if get_mask(module, tensor_name) is not None:
-            raise ConstraintError(
-                rule.key,
-                rule.name,
-                f"a tensor without a mask: {name} already has one; constraints come first, so put "
-                "WeightConstraints before the sparsity/pruning callbacks",
-            )
-        constraint = build_constraint(rule.name, rule.args, rule.key)
-        weight = getattr(module, tensor_name)
-        shape = tuple(weight.shape)
-        fits = getattr(constraint, "fits", None)
-        reason = fits(shape) if fits else None
-        if reason:
-            raise ConstraintError(
-                f"{rule.key}.name", rule.name, f"a constraint that fits {name} of shape {shape}: {reason}"
-            )
-        stacked = parametrize.is_parametrized(module, tensor_name)
-        if stacked and getattr(constraint, "first_only", False):
-            raise ConstraintError(
-                f"{rule.key}.name",
-                rule.name,
-                f"a rule listed before the other constraints on {name}: this one "
-                f"({rule.name}, {getattr(constraint, 'method', 'this form')}) must be first on its tensor",
-            )
-        if not torch.isfinite(weight).all():
-            raise ConfigError(rule.key, name, "tensors whose values are all finite (found NaN or Inf)")
-        constraint.target, constraint.rule_key, constraint.allow_masked = name, rule.key, rule.allow_masked
-        if hasattr(constraint, "build"):
-            constraint.build(weight.detach())
-        constraint.to(device=weight.device)
-        parametrize.register_parametrization(module, tensor_name, constraint)
-        return Applied(name, module, tensor_name, constraint, rule)
 
     @torch.no_grad()
     def project(self) -> None:
@@ -301,32 +249,15 @@ class WeightConstraints(PluginCallback):
     def save_plots(self, directory: str | Path) -> list[Path]:
         """Write ``{key}_violations.png``: each constraint's violation at each log (every epoch end,
         and every ``log_every_n_steps`` steps when set) against the optimizer step; returns its path."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{self.key}_violations.png"
-        labels = list(dict.fromkeys(k for h in self.history for k in h if k != "step"))
-        steps = [h["step"] for h in self.history]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for label in labels:
-            ax.plot(steps, [h.get(label, float("nan")) for h in self.history], marker="o", markersize=3, label=label)
-        # Violations span decades and are often exactly 0 (a parametrization holds by construction).
-        positive = [v for h in self.history for k, v in h.items() if k != "step" and v > 0]
-        if positive:
-            ax.set_yscale("symlog", linthresh=min(positive))
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("violation (on the weight the module computes with)")
-        ax.set_title(f"{self.key}: violation per constraint")
-        if 0 < len(labels) <= LEGEND_MAX:  # more lines than that: a legend hides the plot
-            ax.legend(fontsize="small", loc="best")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        labels = dict.fromkeys(k for h in self.history for k in h if k != "step")
+        path = plot_history(
+            Path(directory) / f"{self.key}_violations.png",
+            self.history,
+            {label: label for label in labels},
+            title=f"{self.key}: violation per constraint",
+            ylabel="violation (on the weight the module computes with)",
+            symlog=True,
+        )
         return [path]
 
     def summary(self) -> dict[str, Any]:

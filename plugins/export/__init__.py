@@ -6,7 +6,8 @@
 """
 
 from plugins.export.onnx import OnnxMismatch, export_onnx
-from plugins.export.sparse import SparseExportMismatch, save_sparse_export, sparse_export, write_sparse_export
+from plugins.export.save import save_sparse_export, write_sparse_export
+from plugins.export.sparse import SparseExportMismatch, sparse_export
 
 __all__ = [
     "OnnxMismatch",

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,7 @@ from plugins.core.errors import ConfigError
 from plugins.export.choose import capture_inputs, max_difference, run, time_candidates, tolerance
 from plugins.export.layers import as_matrix, is_linear_like, parse_form, sparse_twin
 
-__all__ = ["SparseExportMismatch", "save_sparse_export", "sparse_export", "write_sparse_export"]
+__all__ = ["SparseExportMismatch", "sparse_export"]
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +253,8 @@ def sparse_export(
     with _eval(model):
         _verify(model, exported, list(replacements), example_input, atol)
     if path is not None:
+        from plugins.export.save import save_sparse_export  # the writer imports this module
+
         save_sparse_export(exported, example_input, record, path)
     return exported, record
 
@@ -269,89 +268,3 @@ def _why_dense(name, module, matrix, inputs, owners) -> str | None:
     if len(shared) > 1:
         return f"weight tied to {[s for s in shared if not s.startswith(name + '.')]}: kept dense to stay tied"
     return None
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the other run outputs are readable
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _program(module: nn.Module, example: Example) -> torch.export.ExportedProgram:
-    args = example if isinstance(example, tuple) else (example,)
-    batch = torch.export.Dim("batch", min=1)
-    dynamic = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] > 1 else None for a in args)
-    try:
-        return torch.export.export(module, args, dynamic_shapes=dynamic)
-    except Exception:  # some models trace only at a fixed batch size
-        return torch.export.export(module, args)
-
-
-def save_sparse_export(
-    module: nn.Module, example_input: Example, record: list[dict[str, Any]], path: str | Path
-) -> Path:
-    """Write ``module`` (from :func:`sparse_export`) and its record; returns the model file.
-
-    ``path`` (e.g. ``model_sparse.pt2``) receives a ``torch.export`` program, dynamic in the batch
-    size where the model allows it; it runs after ``import plugins.export.ops`` (torch only, it
-    registers the sparse operator) with ``torch.export.load(path).module()``. If ``torch.export``
-    cannot trace the model, ``path`` with suffix ``.pt`` receives ``torch.save(module)`` instead (a
-    pickle: ``torch.load(p, weights_only=False)`` with this package importable), and a warning
-    says why. The record goes to ``path`` with suffix ``.json``. Both are written atomically.
-    """
-    path = Path(path)
-    _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
-    try:
-        program = _program(module, example_input)
-    except Exception as err:  # the pickle below still saves the model
-        log.warning("%s not written: torch.export failed (%s: %s); pickled", path.name, type(err).__name__, err)
-        fallback = path.with_suffix(".pt")
-        _atomic_write(fallback, lambda tmp: torch.save(module, tmp))
-        return fallback
-    _atomic_write(path, lambda tmp: torch.export.save(program, tmp))
-    return path
-
-
-def _summary(record: list[dict[str, Any]]) -> dict[str, Any]:
-    timed = [r for r in record if "dense_ms" in r]
-    dense = sum(r["dense_ms"] for r in timed)
-    chosen = sum(r["dense_ms"] / r["speedup"] for r in timed)
-    forms: dict[str, int] = {}
-    for row in record:
-        forms[row["form"]] = forms.get(row["form"], 0) + 1
-    return {
-        "layers": len(record),
-        "forms": forms,
-        "layer_time_speedup": round(dense / chosen, 3) if chosen else None,
-    }
-
-
-def write_sparse_export(net: nn.Module, example: Example, folder: str | Path) -> dict[str, Any]:
-    """End of a run: ``model_sparse.pt2`` (or ``.pt``) and ``model_sparse.json`` in ``folder``.
-
-    Never raises: a model that cannot be exported gives ``{"written": None, "reason": ...}`` (and a
-    warning). When no layer runs faster sparse, only the record is written. Returns the summary
-    (``written``, ``layers``, ``forms`` counts, ``layer_time_speedup``: the summed time of the timed
-    layers, dense / as exported).
-    """
-    try:
-        net = copy.deepcopy(net).cpu()
-        example = tuple(a.cpu() for a in example) if isinstance(example, tuple) else example.cpu()
-        module, record = sparse_export(net, example)
-        summary = _summary(record)
-        target = Path(folder) / "model_sparse.pt2"
-        if summary["forms"].keys() <= {"dense"}:
-            _atomic_write(target.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
-            return {"written": None, "reason": "no layer runs faster sparse", **summary}
-        written = save_sparse_export(module, example, record, target)
-        return {"written": written.name, **summary}
-    except Exception as err:  # the end of a run must not fail on an optional output
-        log.warning("sparse export skipped: %s: %s", type(err).__name__, err)
-        return {"written": None, "reason": f"{type(err).__name__}: {err}"}

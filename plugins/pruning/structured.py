@@ -28,6 +28,7 @@ from plugins.core.allocation import ALLOCATIONS
 from plugins.core.arguments import accepted_arguments
 from plugins.core.criteria import CRITERIA, Criterion
 from plugins.core.errors import ConfigError, is_number
+from plugins.core.history_plot import plot_history
 from plugins.core.masking_callback import MaskingCallback
 from plugins.core.schedules import Schedule, build_schedule
 from plugins.pruning.head_masks import HeadMasks
@@ -40,8 +41,6 @@ __all__ = ["StructuredPruning", "PRUNABLE_TYPES"]
 PRUNABLE_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Linear")
 #: Criteria that score heads: the ones that read only the weights (:meth:`HeadGroup.weights`).
 HEAD_CRITERIA = ("random", "l1", "l2", "fpgm")
-#: The most units whose lines a plot labels in a legend.
-LEGEND_MAX = 16
 
 
 class StructuredPruning(MaskingCallback):
@@ -169,29 +168,15 @@ class StructuredPruning(MaskingCallback):
     def save_plots(self, directory: str | Path) -> list[Path]:
         """Write ``{key}_channels.png``: slices (heads) kept per unit at each update, against the
         optimizer step; returns its path. Costs one small figure."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{self.key}_channels.png"
-        steps = [h["step"] for h in self.history]
         what = "heads" if self.heads else ("channels" if self.dim == 0 else f"slices along dim {self.dim}")
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for group in self.groups:
-            kept = [h.get(f"kept/{group.name}", float("nan")) for h in self.history]
-            ax.step(steps, kept, where="post", marker="o", markersize=3, label=f"{group.name} (of {group.size})")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(f"{what} kept")
-        ax.set_ylim(bottom=0)
-        ax.set_title(f"structured pruning, method={self.method}: {what} kept per unit")
-        if len(self.groups) <= LEGEND_MAX:  # more lines than that: a legend hides the plot
-            ax.legend(fontsize="small", loc="lower left")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        path = plot_history(
+            Path(directory) / f"{self.key}_channels.png",
+            self.history,
+            {f"kept/{g.name}": f"{g.name} (of {g.size})" for g in self.groups},
+            title=f"structured pruning, method={self.method}: {what} kept per unit",
+            ylabel=f"{what} kept",
+            steps=True,
+        )
         return [path]
 
     def channels(self) -> dict[str, str]:
