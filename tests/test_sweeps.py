@@ -374,7 +374,7 @@ def test_pictures_for_the_eye(tmp_path: Path) -> None:
 def test_ablation_experiments_compose() -> None:
     cfg = compose_config(["+experiment=ucr_norm_ablation", "norm=instance"])
     assert cfg.model._target_ == "models.ResNet1d" and cfg.data._target_ == "models.UCRDataModule"
-    assert cfg.hydra.sweeper.params["data.name"].split(",") == ["ACSF1", "BasicMotions", "GunPoint"]
+    assert cfg.hydra.sweeper.params["data.name"].split(",") == ["ACSF1", "BasicMotions", "GunPoint", "PLAID"]
     gain = compose_config(["+experiment=ucr_norm_gain", "norm=batch"])
     assert gain.hydra.sweeper.params["data.random_gain"] == "0,10"
     assert gain.model.widths == cfg.model.widths and gain.task_name == "ucr_norm_gain"
