@@ -548,3 +548,27 @@ def test_the_ablation_command_sweeps_every_arm_lr_seed_and_set_with_select_and_f
     summary = cfg.hydra.callbacks.sweep_summary
     assert dict(summary.select) == {"key": "module.lr", "by": "val/acc"}
     assert dict(summary.fit) == {"metric": "train/acc", "min": 0.95}
+
+
+def test_optuna_preset_with_the_parallel_launcher_runs_trials_side_by_side(tmp_path: Path) -> None:
+    """``hparams_search=optuna_sparsity hydra/launcher=parallel``: the sweeper asks for as many
+    trials as the launcher runs at once (2), so the two trials' job times overlap."""
+    sweep = tmp_path / "optuna"
+    result = run_train_cli(
+        [
+            "-m",
+            "hparams_search=optuna_sparsity",
+            "hydra/launcher=parallel",
+            "hydra.sweeper.n_trials=2",
+            "sparsity.schedule.begin_epoch=0",
+            "sparsity.schedule.end_epoch=0",
+            "logger=csv",
+            *TINY,
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _read_csv(sweep / "summary.csv")
+    assert len(rows) == 2 and len({r["job/pid"] for r in rows}) == 2  # two worker processes
+    (s0, e0), (s1, e1) = sorted((float(r["job/start"]), float(r["job/end"])) for r in rows)
+    assert s1 < e0, f"trials ran one after the other: second started {s1 - e0:.1f} s after the first ended"
