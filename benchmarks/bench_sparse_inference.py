@@ -146,25 +146,22 @@ def break_even(rows: list[dict]) -> list[dict]:
 # --- 2. end to end ---------------------------------------------------------------------------------
 
 
-class _Task:
-    """Builds a LightningModule around ``net`` lazily (Lightning is imported only for part 2)."""
+def _task(net: nn.Module, loss: Callable[[nn.Module, tuple], torch.Tensor]):
+    """A LightningModule training ``net`` with ``loss`` (AdamW); Lightning is imported only here."""
+    import lightning as L
 
-    @staticmethod
-    def make(net: nn.Module, loss: Callable[[nn.Module, tuple], torch.Tensor]):
-        import lightning as L
+    class Task(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
 
-        class Task(L.LightningModule):
-            def __init__(self) -> None:
-                super().__init__()
-                self.net = net
+        def training_step(self, batch, batch_idx):
+            return loss(self.net, batch)
 
-            def training_step(self, batch, batch_idx):
-                return loss(self.net, batch)
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
-            def configure_optimizers(self):
-                return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-        return Task()
+    return Task()
 
 
 def _mlp() -> tuple[nn.Module, torch.Tensor, Callable]:
@@ -219,7 +216,7 @@ def gmp_sparsified(name: str, zeros: float, steps: int) -> tuple[nn.Module, torc
         enable_model_summary=False, callbacks=[sparsifier],
     )
     data = DataLoader(TensorDataset(*batch), batch_size=len(batch[0]))
-    trainer.fit(_Task.make(net, loss), data)
+    trainer.fit(_task(net, loss), data)
     return net.eval(), batch[0]
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from plugins.core.atomic import write_atomically
 from plugins.core.errors import ConfigError
 
 __all__ = ["lock_explicit_run_folder", "lock_run_folder", "unlock_run_folder", "write_atomically", "write_json"]
@@ -50,16 +50,6 @@ def lock_run_folder(run_dir: str | Path, key: str = "hydra.run.dir") -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     _held[run_dir] = fd
-
-
-def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` then rename ``tmp`` to ``path``: a crash never leaves half a file."""
-    tmp = path.with_name(f".tmp.{path.name}")  # same suffix: torch.export.save insists on .pt2
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from plugins.core.atomic import write_atomically
 from plugins.export.sparse import Example, sparse_export
 
 __all__ = ["save_sparse_export", "write_sparse_export"]
@@ -21,17 +20,8 @@ __all__ = ["save_sparse_export", "write_sparse_export"]
 log = logging.getLogger(__name__)
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the other run outputs are readable
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _write_record(path: Path, record: list[dict[str, Any]]) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
 
 
 def _program(module: nn.Module, example: Example) -> torch.export.ExportedProgram:
@@ -57,15 +47,15 @@ def save_sparse_export(
     says why. The record goes to ``path`` with suffix ``.json``. Both are written atomically.
     """
     path = Path(path)
-    _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    _write_record(path.with_suffix(".json"), record)
     try:
         program = _program(module, example_input)
     except Exception as err:  # the pickle below still saves the model
         log.warning("%s not written: torch.export failed (%s: %s); pickled", path.name, type(err).__name__, err)
         fallback = path.with_suffix(".pt")
-        _atomic_write(fallback, lambda tmp: torch.save(module, tmp))
+        write_atomically(fallback, lambda tmp: torch.save(module, tmp))
         return fallback
-    _atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+    write_atomically(path, lambda tmp: torch.export.save(program, tmp))
     return path
 
 
@@ -98,7 +88,7 @@ def write_sparse_export(net: nn.Module, example: Example, folder: str | Path) ->
         summary = _summary(record)
         target = Path(folder) / "model_sparse.pt2"
         if summary["forms"].keys() <= {"dense"}:
-            _atomic_write(target.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+            _write_record(target.with_suffix(".json"), record)
             return {"written": None, "reason": "no layer runs faster sparse", **summary}
         written = save_sparse_export(module, example, record, target)
         return {"written": written.name, **summary}
