@@ -1,6 +1,6 @@
 """What a mask costs on every training step between updates, against the same dense step.
 
-Two models, each trained in one process four ways, run after run in a rotating order so that the
+Two models, each trained in one process four ways at once, step by step in turn, so that the
 drifts of a shared machine hit every variant alike:
   dense         no callback
   inplace       HardshrinkSparsifier(mask_form=auto): the zeros live in the weights, their
@@ -17,10 +17,15 @@ conv and linear weights at the end of the first epoch; the second epoch's steps 
 left out) are the steps between updates that are timed, from the first callback's
 ``on_train_batch_start`` to the last one's ``on_train_batch_end`` (forward, backward, optimizer
 step and every callback's batch hooks), on the CPU time of the training thread, torch on one
-thread. Reported per model and variant: the median over rounds of (median step / dense's median
-step of the same round), with the range over rounds.
+thread. The four fits run in four threads of which exactly one works at a time: each takes one
+step and hands the turn on, and after every round (one step of each variant) the order rotates
+(:class:`_Turns`). A step is so compared with the dense step of its own round, taken seconds
+before or after it, not with a run minutes away: on a machine shared with other jobs, separate
+runs differed by up to 15% from one another, more than the effect measured. Reported per model
+and variant: the median over all paired rounds of (step / the dense step of the same round), and
+the range of that median over the repeats (fresh models and trainers each).
 
-    python benchmarks/bench_mask_overhead.py            # ~10 minutes on 1 CPU thread
+    python benchmarks/bench_mask_overhead.py            # ~5 minutes on 1 CPU thread
     python benchmarks/bench_mask_overhead.py --quick    # smoke run; writes to a temporary folder
 
 Writes benchmarks/results/mask_overhead.md and .json (full mode only).
@@ -30,10 +35,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -46,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_hardshrink import _Clock, _End, _Start  # noqa: E402
+from benchmarks.bench_hardshrink import _Clock  # noqa: E402
 from benchmarks.timing import add_clock_args  # noqa: E402
 from benchmarks.timing import clock as read_clock  # noqa: E402
 from plugins.sparsity.hardshrink import HardshrinkSparsifier  # noqa: E402
@@ -117,44 +124,139 @@ def _plugin(variant: str, net: nn.Module) -> list[L.Callback]:
     return []
 
 
-def run_one(model: str, variant: str, args: argparse.Namespace) -> float:
-    """The median time of a step between updates (second epoch, first two steps left out)."""
+class _Turns:
+    """Step-level alternation: the variants' fits run in threads, and exactly one of them holds the
+    turn at any moment. A holder takes one training step, then hands the turn on; after every
+    variant has stepped once (a round) the order rotates by one, so no variant always follows the
+    same one. Each step is thus timed between steps of the other variants, seconds apart, not
+    minutes, and the paired ratio of a round compares steps taken under the same machine load."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.cond = threading.Condition()
+        self.order = list(names)
+        self.active = set(names)
+        self.position = 0
+
+    def _holder(self) -> str:
+        return self.order[self.position]
+
+    def wait(self, name: str) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self._holder() == name)
+
+    def pass_on(self, name: str, leave: bool = False) -> None:
+        with self.cond:
+            if leave:
+                self.active.discard(name)
+            if not self.active:
+                return
+            if self._holder() != name:  # a fit that failed without the turn: only stop waiting on it
+                self.cond.notify_all()
+                return
+            while True:
+                self.position += 1
+                if self.position == len(self.order):  # a round is over: rotate the order
+                    self.position = 0
+                    self.order = self.order[1:] + self.order[:1]
+                if self._holder() in self.active:
+                    break
+            self.cond.notify_all()
+
+
+class _TakeTurn(L.Callback):
+    """First callback: waits for the turn before training starts; times each step's start."""
+
+    def __init__(self, turns: _Turns, name: str, clock: _Clock) -> None:
+        self.turns, self.name, self.clock = turns, name, clock
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.turns.wait(self.name)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.clock._step = self.clock.now()
+
+
+class _PassTurn(L.Callback):
+    """Last callback: times each step's end, hands the turn on and waits for it to come back (so
+    nothing of this fit runs while another variant's step is timed); leaves at the end of training."""
+
+    def __init__(self, turns: _Turns, name: str, clock: _Clock) -> None:
+        self.turns, self.name, self.clock = turns, name, clock
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.clock.steps.append(self.clock.now() - self.clock._step)
+        self.turns.pass_on(self.name)
+        self.turns.wait(self.name)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.turns.pass_on(self.name, leave=True)
+
+
+def run_repeat(model: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Every variant's fit of ``model``, step-interleaved (:class:`_Turns`); the time of each step
+    between updates (second epoch, its first two steps left out), per variant."""
     build, shape = MODELS[model]
-    L.seed_everything(args.seed, verbose=False)
-    net = build()
-    data = TensorDataset(torch.randn(args.steps * args.batch, *shape), torch.randint(0, 10, (args.steps * args.batch,)))
-    clock = _Clock()
-    clock.now = read_clock(args.clock)
-    trainer = L.Trainer(
-        max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        callbacks=[_Start(clock), *_plugin(variant, net), _End(clock)],
-    )
-    trainer.fit(Trained(net), DataLoader(data, batch_size=args.batch))
-    weights = [getattr(m, n) for m, n in _weights(net)]
-    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
-    if variant != "dense" and abs(zeros - SPARSITY) > 0.01:
-        raise RuntimeError(f"{model}/{variant}: {zeros:.4f} zeros, not {SPARSITY}")
-    return statistics.median(clock.steps[args.steps + 2 :])
+    turns, clocks, fits, nets = _Turns(VARIANTS), {}, {}, {}
+    for variant in VARIANTS:
+        L.seed_everything(args.seed, verbose=False)  # the same weights and data for every variant
+        nets[variant] = net = build()
+        data = TensorDataset(
+            torch.randn(args.steps * args.batch, *shape), torch.randint(0, 10, (args.steps * args.batch,))
+        )
+        clocks[variant] = clock = _Clock()
+        clock.now = read_clock(args.clock)
+        trainer = L.Trainer(
+            max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+            callbacks=[_TakeTurn(turns, variant, clock), *_plugin(variant, net), _PassTurn(turns, variant, clock)],
+        )
+        fits[variant] = (trainer, Trained(net), DataLoader(data, batch_size=args.batch))
+    errors: list[BaseException] = []
+
+    def fit(variant: str) -> None:
+        torch.set_num_threads(args.threads)  # per thread: OpenMP's thread count is per calling thread
+        try:
+            trainer, module, loader = fits[variant]
+            trainer.fit(module, loader)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(error)
+            turns.pass_on(variant, leave=True)
+
+    threads = [threading.Thread(target=fit, args=(v,), name=v) for v in VARIANTS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    for variant in VARIANTS:
+        weights = [getattr(m, n) for m, n in _weights(nets[variant])]
+        zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+        if variant != "dense" and abs(zeros - SPARSITY) > 0.01:
+            raise RuntimeError(f"{model}/{variant}: {zeros:.4f} zeros, not {SPARSITY}")
+    return {v: clocks[v].steps[args.steps + 2 :] for v in VARIANTS}
 
 
 def measure(args: argparse.Namespace) -> dict:
     table: dict = {}
     for model in MODELS:
+        steps: dict[str, list[float]] = {v: [] for v in VARIANTS}
         ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
-        medians: dict[str, list[float]] = {v: [] for v in VARIANTS}
-        for round_ in range(args.rounds):
-            order = VARIANTS[round_ % len(VARIANTS) :] + VARIANTS[: round_ % len(VARIANTS)]
-            step = {v: run_one(model, v, args) for v in order}
+        repeat_ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for repeat in range(args.rounds):
+            times = run_repeat(model, args)
             for v in VARIANTS:
-                medians[v].append(step[v])
-                ratios[v].append(step[v] / step["dense"])
-            print(model, round_, {v: round(r[-1], 3) for v, r in ratios.items()}, flush=True)
+                paired = [t / d for t, d in zip(times[v], times["dense"], strict=True)]  # the same round's steps
+                steps[v] += times[v]
+                ratios[v] += paired
+                repeat_ratios[v].append(statistics.median(paired))
+            print(model, repeat, {v: round(r[-1], 3) for v, r in repeat_ratios.items()}, flush=True)
         table[model] = {
             v: {
-                "step_ms": 1e3 * statistics.median(medians[v]),
+                "step_ms": 1e3 * statistics.median(steps[v]),
                 "x_dense": statistics.median(ratios[v]),
-                "x_dense_range": [min(ratios[v]), max(ratios[v])],
+                "x_dense_range": [min(repeat_ratios[v]), max(repeat_ratios[v])],
+                "paired_steps": len(ratios[v]),
             }
             for v in VARIANTS
         }
@@ -166,12 +268,13 @@ def markdown(table: dict, meta: dict) -> str:
         "# Mask overhead: a training step between updates, against dense",
         "",
         f"`{meta['command']}`  ",
-        f"{meta['rounds']} rounds x {len(VARIANTS)} variants in one process, rotating order; {meta['steps']} steps "
-        f"per epoch, batch {meta['batch']}, the second epoch's steps timed; {SPARSITY:.0%} zeros; "
+        f"{meta['rounds']} repeats x {len(VARIANTS)} variants in one process, step-interleaved in a rotating order; "
+        f"{meta['steps']} steps per epoch, batch {meta['batch']}, the second epoch's steps timed and paired by round; "
+        f"{SPARSITY:.0%} zeros; "
         f"{meta['threads']} CPU thread(s), {meta['clock']} clock, torch {meta['torch']}, lightning "
         f"{meta['lightning']}, {meta['machine']}.",
         "",
-        "| model | variant | step median (ms) | x dense (median over rounds) | range over rounds |",
+        "| model | variant | step median (ms) | x dense (median over paired steps) | range over repeats |",
         "| --- | --- | ---: | ---: | --- |",
     ]
     for model, rows in table.items():
@@ -186,16 +289,20 @@ def markdown(table: dict, meta: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_clock_args(parser)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=24, help="training steps per epoch")
+    parser.add_argument("--rounds", type=int, default=3, help="repeats, each with fresh models and trainers")
+    parser.add_argument("--steps", type=int, default=40, help="training steps per epoch")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 6 steps; writes to a temporary folder")
+    parser.add_argument("--quick", action="store_true", help="1 repeat of 6 steps; writes to a temporary folder")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.steps = 2, 6
+        args.rounds, args.steps = 1, 6
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench_mask_overhead_")) if args.quick else RESULTS)
     torch.set_num_threads(args.threads)
+    if args.threads == 1 and hasattr(os, "sched_setaffinity"):
+        # Every variant's thread on the same core: only one works at a time, and cores shared with
+        # other jobs differ in speed, which would be charged to whichever variant ran there.
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     table = measure(args)
     meta = {
         "command": "python benchmarks/bench_mask_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
