@@ -192,19 +192,31 @@ def _resample(series: list[np.ndarray], length: int) -> np.ndarray:
 class UCRDataModule(_ArrayDataModule):
     """A UCR/UEA classification set bundled in aeon (PLAID: in sktime). The official TRAIN split is divided
     (stratified, from the seed) into train and val; TEST is the test split. Variable-length sets
-    are resampled by linear interpolation to the longest training series. ``znorm`` standardizes
-    each series channel on its own; otherwise values are left as recorded."""
+    are resampled by linear interpolation to the longest training series, or every set to
+    ``length`` points when it is given (a budget knob for long series: the model's cost grows with
+    the length). ``znorm`` standardizes each series channel on its own; otherwise values are left
+    as recorded."""
 
-    def __init__(self, name: str = "GunPoint", val_fraction: float = 0.2, znorm: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        name: str = "GunPoint",
+        val_fraction: float = 0.2,
+        znorm: bool = False,
+        length: int | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         if name not in UCR_DATASETS:
             raise ConfigError("data.name", name, f"one of the bundled sets: {', '.join(UCR_DATASETS)}")
         _check_fraction("data.val_fraction", val_fraction, 0.05, 0.5)
         if not isinstance(znorm, bool):
             raise ConfigError("data.znorm", znorm, "true or false")
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 8):
+            raise ConfigError("data.length", length, "null (the longest training series) or an integer >= 8")
         self.name = name
         self.val_fraction = val_fraction
         self.znorm = znorm
+        self.length = length
         self._loaded = self._load()
 
     def _read(self, split: str) -> tuple[list[np.ndarray] | np.ndarray, np.ndarray]:
@@ -225,7 +237,7 @@ class UCRDataModule(_ArrayDataModule):
         raw = {split: self._read(split) for split in ("train", "test")}
         classes = sorted(set(raw["train"][1]) | set(raw["test"][1]))
         index = {c: i for i, c in enumerate(classes)}
-        length = max(s.shape[-1] for s in raw["train"][0])
+        length = self.length or max(s.shape[-1] for s in raw["train"][0])
         out = {}
         for split, (x, y) in raw.items():
             series = list(x) if isinstance(x, list) else [s for s in x]

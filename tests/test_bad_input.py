@@ -88,6 +88,8 @@ BOOLEANS = [
     mistake("sparsity=gmp", "sparsity.regrow=maybe", says="sparsity.regrow='maybe'"),
     mistake("trainer.deterministic=maybe", says="trainer.deterministic='maybe'"),
     mistake(*UCR, "data.znorm=maybe", says="data.znorm='maybe'"),
+    mistake(*UCR, "data.length=4", says="data.length=4"),
+    mistake(*UCR, "data.length=1e3", says="data.length=1000.0"),
     mistake("constraints=orthogonal", "constraints.bake_at_end=maybe", says="constraints.bake_at_end='maybe'"),
     mistake("constraints=learned_mask", "constraints.rules.0.allow_masked=maybe", says="allow_masked='maybe'"),
     mistake("logger=tensorboard", "logger.tensorboard.default_hp_metric=maybe", says="default_hp_metric='maybe'"),

@@ -27,6 +27,21 @@ def test_plaid_loads_from_sktime_resampled_to_one_length() -> None:
     assert torch.isfinite(x_train).all() and set(np.unique(y_train.numpy())) <= set(range(11))
 
 
+def test_data_length_resamples_every_series_to_that_many_points() -> None:
+    full = UCRDataModule("GunPoint", seed=0)
+    short = UCRDataModule("GunPoint", seed=0, length=50)
+    full.setup()
+    short.setup()
+    x_full = full.splits["test"].tensors[0]
+    x_short = short.splits["test"].tensors[0]
+    assert x_full.shape[1:] == (1, 150) and x_short.shape[1:] == (1, 50)
+    # Linear interpolation of the recorded series onto 50 evenly spaced points, ends kept.
+    grid, recorded = np.linspace(0, 1, 50), np.linspace(0, 1, 150)
+    expected = np.stack([np.interp(grid, recorded, series) for series in x_full[:, 0].double().numpy()])
+    assert np.allclose(x_short[:, 0].numpy(), expected, atol=1e-5)
+    assert torch.equal(x_short[:, :, 0], x_full[:, :, 0]) and not torch.allclose(x_short[:, :, 1], x_full[:, :, 1])
+
+
 def test_ucr_baseline_trains_on_plaid(tmp_path: Path) -> None:
     summary = run_train_inprocess(["+experiment=ucr_baseline", "data.name=PLAID", *FAST, "trainer.max_epochs=2"], tmp_path)
     assert summary["data"] == "PLAID" and 0.0 <= summary["test/acc"] <= 1.0
