@@ -63,7 +63,9 @@ class LastCheckpoint(L.Callback):
         self.stopped_by: str | None = None
 
     def _save(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.path)
+        # A full checkpoint (optimizer, loops, callbacks): resume needs all of it. Said explicitly,
+        # Lightning no longer prints "`weights_only` was not set" at every save.
+        trainer.save_checkpoint(self.path, weights_only=False)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
