@@ -34,12 +34,10 @@ Writes benchmarks/results/mask_overhead.md and .json (full mode only).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -54,13 +52,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_hardshrink import _Clock  # noqa: E402
-from benchmarks.timing import add_clock_args  # noqa: E402
+from benchmarks.timing import add_clock_args, parse_with_output, write_results  # noqa: E402
 from benchmarks.timing import clock as read_clock  # noqa: E402
 from plugins.sparsity.hardshrink import HardshrinkSparsifier  # noqa: E402
 
 VARIANTS = ("dense", "inplace", "parametrize", "modelpruning")
 SPARSITY = 0.9
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def mlp() -> nn.Module:
@@ -136,6 +133,7 @@ class _Turns:
         self.order = list(names)
         self.active = set(names)
         self.position = 0
+        self.stepped: list[str] = []  # who took each step, in order: what the pairing relies on
 
     def _holder(self) -> str:
         return self.order[self.position]
@@ -185,6 +183,7 @@ class _PassTurn(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.clock.steps.append(self.clock.now() - self.clock._step)
+        self.turns.stepped.append(self.name)
         self.turns.pass_on(self.name)
         self.turns.wait(self.name)
 
@@ -192,9 +191,10 @@ class _PassTurn(L.Callback):
         self.turns.pass_on(self.name, leave=True)
 
 
-def run_repeat(model: str, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Every variant's fit of ``model``, step-interleaved (:class:`_Turns`); the time of each step
-    between updates (second epoch, its first two steps left out), per variant."""
+def run_repeat(model: str, args: argparse.Namespace) -> tuple[dict[str, list[float]], list[str]]:
+    """Every variant's fit of ``model``, step-interleaved (:class:`_Turns`): the time of each step
+    between updates (second epoch, its first two steps left out) per variant, and the variant that
+    took each step of the repeat, in order."""
     build, shape = MODELS[model]
     turns, clocks, fits, nets = _Turns(VARIANTS), {}, {}, {}
     for variant in VARIANTS:
@@ -234,7 +234,7 @@ def run_repeat(model: str, args: argparse.Namespace) -> dict[str, list[float]]:
         zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
         if variant != "dense" and abs(zeros - SPARSITY) > 0.01:
             raise RuntimeError(f"{model}/{variant}: {zeros:.4f} zeros, not {SPARSITY}")
-    return {v: clocks[v].steps[args.steps + 2 :] for v in VARIANTS}
+    return {v: clocks[v].steps[args.steps + 2 :] for v in VARIANTS}, turns.stepped
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -244,7 +244,10 @@ def measure(args: argparse.Namespace) -> dict:
         ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
         repeat_ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for repeat in range(args.rounds):
-            times = run_repeat(model, args)
+            times, stepped = run_repeat(model, args)
+            rounds = [stepped[i : i + len(VARIANTS)] for i in range(0, len(stepped), len(VARIANTS))]
+            if any(sorted(r) != sorted(VARIANTS) for r in rounds):
+                raise RuntimeError(f"{model}: the variants did not step in rounds: {stepped}")
             for v in VARIANTS:
                 paired = [t / d for t, d in zip(times[v], times["dense"], strict=True)]  # the same round's steps
                 steps[v] += times[v]
@@ -257,6 +260,7 @@ def measure(args: argparse.Namespace) -> dict:
                 "x_dense": statistics.median(ratios[v]),
                 "x_dense_range": [min(repeat_ratios[v]), max(repeat_ratios[v])],
                 "paired_steps": len(ratios[v]),
+                "steps_ms": [1e3 * t for t in steps[v]],
             }
             for v in VARIANTS
         }
@@ -293,29 +297,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=40, help="training steps per epoch")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="1 repeat of 6 steps; writes to a temporary folder")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results)")
-    args = parser.parse_args(argv)
+    args, out = parse_with_output(parser, argv)
     if args.quick:
         args.rounds, args.steps = 1, 6
-    out = args.out or (Path(tempfile.mkdtemp(prefix="bench_mask_overhead_")) if args.quick else RESULTS)
     torch.set_num_threads(args.threads)
-    if args.threads == 1 and hasattr(os, "sched_setaffinity"):
-        # Every variant's thread on the same core: only one works at a time, and cores shared with
-        # other jobs differ in speed, which would be charged to whichever variant ran there.
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    table = measure(args)
+    pinned = args.threads == 1 and hasattr(os, "sched_setaffinity")
+    cores = os.sched_getaffinity(0) if pinned else None
+    try:
+        if pinned:
+            # Every variant's thread on the same core: only one works at a time, and cores shared
+            # with other jobs differ in speed, which would be charged to whichever variant ran there.
+            os.sched_setaffinity(0, {min(cores)})
+        table = measure(args)
+    finally:
+        if pinned:
+            os.sched_setaffinity(0, cores)  # a caller in this process (a test) gets its cores back
     meta = {
         "command": "python benchmarks/bench_mask_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rounds": args.rounds, "steps": args.steps, "batch": args.batch, "threads": args.threads,
         "clock": args.clock, "torch": torch.__version__, "lightning": L.__version__,
         "machine": f"{platform.machine()} {platform.system()}",
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mask_overhead.json").write_text(json.dumps({"meta": meta, "table": table}, indent=2))
-    (out / "mask_overhead.md").write_text(markdown(table, meta))
-    print(markdown(table, meta))
-    print(f"written to {out}")
-    return table
+    result = {"meta": meta, "table": table}
+    write_results(out, "mask_overhead", markdown(table, meta), result)
+    return result
 
 
 if __name__ == "__main__":
