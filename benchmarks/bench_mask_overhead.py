@@ -303,11 +303,15 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     pinned = args.threads == 1 and hasattr(os, "sched_setaffinity")
     cores = os.sched_getaffinity(0) if pinned else None
-    try:
-        if pinned:
+    if pinned:
+        try:
             # Every variant's thread on the same core: only one works at a time, and cores shared
             # with other jobs differ in speed, which would be charged to whichever variant ran there.
             os.sched_setaffinity(0, {min(cores)})
+        except OSError as error:  # a container that forbids it: measure unpinned, and say so
+            print(f"not pinned to one core: {error}", file=sys.stderr)
+            pinned = False
+    try:
         table = measure(args)
     finally:
         if pinned:
