@@ -300,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, out = parse_with_output(parser, argv)
     if args.quick:
         args.rounds, args.steps = 1, 6
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     pinned = args.threads == 1 and hasattr(os, "sched_setaffinity")
     cores = os.sched_getaffinity(0) if pinned else None
@@ -313,9 +314,10 @@ def main(argv: list[str] | None = None) -> dict:
             pinned = False
     try:
         table = measure(args)
-    finally:
+    finally:  # a caller in this process (a test) gets its cores and threads back
+        torch.set_num_threads(threads)
         if pinned:
-            os.sched_setaffinity(0, cores)  # a caller in this process (a test) gets its cores back
+            os.sched_setaffinity(0, cores)
     meta = {
         "command": "python benchmarks/bench_mask_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rounds": args.rounds, "steps": args.steps, "batch": args.batch, "threads": args.threads,

@@ -8,6 +8,7 @@ import os
 import statistics
 
 import pytest
+import torch
 
 from benchmarks.bench_mask_overhead import MODELS, VARIANTS, _Turns, main
 from benchmarks.timing import RESULTS
@@ -27,7 +28,9 @@ def test_turns_let_one_variant_step_at_a_time_in_rotating_rounds() -> None:
 
 def test_bench_quick_pairs_every_step_with_the_dense_step_of_its_round(tmp_path) -> None:
     cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    threads = torch.get_num_threads()
     result = main(["--quick", "--out", str(tmp_path)])
+    assert torch.get_num_threads() == threads
     table = result["table"]
     assert set(table) == set(MODELS) and all(set(rows) == set(VARIANTS) for rows in table.values())
     for model, rows in table.items():
