@@ -38,6 +38,11 @@ def _check_fraction(key: str, value: float, low: float = 0.0, high: float = 1.0)
         raise ConfigError(key, value, f"a number in [{low}, {high})")
 
 
+def _check_int(key: str, value: int, low: int, allowed: str | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(key, value, allowed or f"an integer >= {low}")
+
+
 def _per_sample_gain(n: int, spread: float, seed: int) -> torch.Tensor:
     """Gains log-uniform in [1/spread, spread], one per sample, fixed by the seed."""
     g = torch.Generator().manual_seed(seed)
@@ -78,14 +83,12 @@ class _ArrayDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError("data.batch_size", batch_size, "an integer >= 1")
+        _check_int("data.batch_size", batch_size, 1)
         if not is_number(denoise_lambda) or denoise_lambda < 0:
             raise ConfigError("data.denoise_lambda", denoise_lambda, "a number >= 0 (0 = off)")
         if not is_number(random_gain) or (random_gain != 0 and random_gain < 1):
             raise ConfigError("data.random_gain", random_gain, "0 (off) or a spread >= 1")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ConfigError("data.num_workers", num_workers, "an integer >= 0")
+        _check_int("data.num_workers", num_workers, 0)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.denoise_lambda = float(denoise_lambda)
@@ -211,8 +214,8 @@ class UCRDataModule(_ArrayDataModule):
         _check_fraction("data.val_fraction", val_fraction, 0.05, 0.5)
         if not isinstance(znorm, bool):
             raise ConfigError("data.znorm", znorm, "true or false")
-        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 8):
-            raise ConfigError("data.length", length, "null (the longest training series) or an integer >= 8")
+        if length is not None:
+            _check_int("data.length", length, 8, "null (the longest training series) or an integer >= 8")
         self.name = name
         self.val_fraction = val_fraction
         self.znorm = znorm
