@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from plugins.constraints.callback import WeightConstraints
+from plugins.core.byte_mask import ByteMask, zero_under
 from plugins.core.errors import ConfigError
 from plugins.core.masks import get_mask
 from plugins.pruning.structured import StructuredPruning
@@ -135,3 +136,81 @@ def test_a_bad_mask_form_is_refused_naming_the_key(bad):
     with pytest.raises(ConfigError) as err:
         sparsifier(bad)
     assert err.value.key == "sparsity.mask_form" and err.value.value == bad
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_on_one_cpu_thread_gradients_are_zeroed_through_a_one_byte_mask_to_the_same_weights(one_thread):
+    inplace, a = run("auto", OPTIMIZERS["sgd_momentum_wd"])
+    # Every in-place tensor went through the one-byte loop at the last step, not torch's product.
+    assert a.held.byte_zeroed == {"net.0.weight", "net.2.weight", "net.4.weight"}
+    masked, _ = run("parametrize", OPTIMIZERS["sgd_momentum_wd"])
+    ours, theirs = stored_weights(inplace), stored_weights(masked)
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
+
+
+def gradient_with_edge_values(dtype: torch.dtype) -> torch.Tensor:
+    torch.manual_seed(0)
+    grad = torch.randn(64, 48, dtype=dtype)
+    grad[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -1.0], dtype=dtype)
+    return grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_one_byte_loop_gives_torchs_product_bit_for_bit(one_thread, dtype):
+    mask = (torch.rand(64, 48) > 0.7).to(dtype)
+    mask[0, :4] = 0  # NaN times 0 stays NaN, inf times 0 is NaN, -1 times 0 is -0.0: as torch does
+    grad = gradient_with_edge_values(dtype)
+    expected = grad * mask
+    assert zero_under(grad, mask, ByteMask())
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.signbit(grad), torch.signbit(expected))
+
+
+def test_the_one_byte_copy_follows_every_change_of_the_mask(one_thread):
+    mask, cache = (torch.rand(64, 48) > 0.5).float(), ByteMask()
+    grad = gradient_with_edge_values(torch.float32)[1:]
+    mask = mask[1:].contiguous()
+    assert zero_under(grad.clone(), mask, cache)
+    mask.copy_((torch.rand_like(mask) > 0.5).float())  # an update, or a loaded checkpoint
+    zeroed = grad.clone()
+    zero_under(zeroed, mask, cache)
+    assert torch.equal(zeroed, grad * mask)
+
+
+def test_a_mask_rewritten_at_every_step_falls_back_to_torchs_product(one_thread):
+    # DDP broadcasts buffers before each forward: a byte copy per step would cost more than it saves.
+    mask, cache = (torch.rand(64, 48) > 0.5).float(), ByteMask()
+    used = []
+    for _ in range(4):
+        mask.mul_(1.0)
+        grad = torch.randn(64, 48)
+        expected = grad * mask
+        used.append(zero_under(grad, mask, cache))
+        assert torch.equal(grad, expected)
+    assert used == [True, False, False, False]
+    grad = torch.randn(64, 48)
+    assert zero_under(grad, mask, cache)  # steady again: the copy is made once more and used
+
+
+def test_where_the_one_byte_loop_does_not_fit_torchs_product_zeroes_the_gradient(one_thread):
+    cases = {
+        "broadcast mask": (torch.randn(8, 6), (torch.rand(8, 1) > 0.5).float()),
+        "half precision": (torch.randn(8, 6).half(), (torch.rand(8, 6) > 0.5).half()),
+        "not contiguous": (torch.randn(6, 8).t(), (torch.rand(8, 6) > 0.5).float()),
+        "soft mask": (torch.randn(8, 6), torch.full((8, 6), 0.5)),
+    }
+    for name, (grad, mask) in cases.items():
+        expected = grad * mask
+        assert not zero_under(grad, mask, ByteMask()), name
+        assert torch.equal(grad, expected), name
+    torch.set_num_threads(2)
+    grad, mask = torch.randn(8, 6), (torch.rand(8, 6) > 0.5).float()
+    assert not zero_under(grad, mask, ByteMask())  # torch's product splits the work across threads

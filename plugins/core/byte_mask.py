@@ -1,0 +1,107 @@
+"""Zeroing a gradient under its mask while reading one byte of mask per weight, not four.
+
+The in-place mask form zeroes every masked gradient before each optimizer step
+(:class:`~plugins.core.mask_forms.HeldZeros`). ``grad.mul_(mask)`` reads the float mask, as many
+bytes as the gradient itself, and on a CPU that product is bound by memory, not arithmetic: on
+the MLP 3x2048 it was most of what the in-place form cost over a dense step. torch has no fast
+product with a narrower mask (a bool or uint8 mask goes through its casting loop, three times
+slower than the float product). So a loop compiled by numba (installed with aeon already)
+multiplies the gradient by a uint8 copy of the mask: the same product, bit for bit (NaN times 0
+stays NaN, -x times 0 is -0.0), for a quarter of the mask's bytes.
+
+It is used where it pays and is exact: a contiguous float32 or float64 gradient on the CPU, of the
+mask's own shape, a mask of only 0s and 1s, and torch on one intra-op thread (the loop runs on
+one thread; with several, torch's product splits the work across them and is left to do so).
+Everywhere else, GPUs included, the gradient is multiplied by the float mask as before.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["ByteMask", "zero_under"]
+
+_KERNEL: Any = None
+_UNAVAILABLE = object()
+
+
+def _kernel() -> Any:
+    """The compiled loop, compiled at its first use in this process (about a second), or
+    ``_UNAVAILABLE`` where numba cannot be imported."""
+    global _KERNEL
+    if _KERNEL is None:
+        try:
+            import numba
+        except ImportError as error:  # a declared dependency: say so once, then multiply as torch does
+            warnings.warn(
+                f"numba cannot be imported ({error}); masked gradients are zeroed by torch's product", stacklevel=3
+            )
+            _KERNEL = _UNAVAILABLE
+            return _KERNEL
+
+        # No on-disk cache: processes of one sweep or one DDP job would write the same cache files.
+        @numba.njit(nogil=True, boundscheck=False)
+        def multiply(grad: np.ndarray, mask: np.ndarray) -> None:  # pragma: no cover - compiled
+            for i in range(grad.size):
+                grad[i] = grad[i] * mask[i]
+
+        _KERNEL = multiply
+    return _KERNEL
+
+
+class ByteMask:
+    """A uint8 copy of one mask buffer, made again whenever the buffer changes (an update, a
+    loaded checkpoint: anything that writes it bumps its version). Costs one byte per weight and
+    a pass over the mask each time it changes. ``None`` (the float product then does the work)
+    for a mask that is not all 0s and 1s or not on the CPU, and for one rewritten at every step,
+    as DDP's buffer broadcast does before each forward: a copy per step would cost more than it
+    saves."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int, int] | None = None
+        self._bytes: np.ndarray | None = None
+        self._built = False
+        self._changed_last = False
+
+    def of(self, buffer: torch.Tensor) -> np.ndarray | None:
+        key = (id(buffer), buffer._version, buffer.data_ptr())
+        if key != self._key:
+            every_step = self._changed_last
+            self._key, self._changed_last, self._built, self._bytes = key, True, False, None
+            if every_step:
+                return None
+        else:
+            self._changed_last = False
+        if not self._built:
+            self._built = True
+            if buffer.device.type == "cpu" and bool(((buffer == 0) | (buffer == 1)).all()):
+                self._bytes = buffer.detach().to(torch.uint8).reshape(-1).numpy()
+        return self._bytes
+
+
+def _fits(grad: torch.Tensor, buffer: torch.Tensor) -> bool:
+    return (
+        grad.device.type == "cpu"
+        and grad.dtype in (torch.float32, torch.float64)
+        and grad.shape == buffer.shape
+        and grad.is_contiguous()
+        and torch.get_num_threads() == 1
+    )
+
+
+@torch.no_grad()
+def zero_under(grad: torch.Tensor, buffer: torch.Tensor, byte_mask: ByteMask) -> bool:
+    """``grad *= buffer`` in place; True where the one-byte loop did it, False where torch's
+    product did."""
+    if _fits(grad, buffer):
+        bytes_ = byte_mask.of(buffer)
+        kernel = _kernel() if bytes_ is not None else _UNAVAILABLE
+        if kernel is not _UNAVAILABLE:
+            kernel(grad.detach().view(-1).numpy(), bytes_)
+            return True
+    grad.mul_(buffer)
+    return False
