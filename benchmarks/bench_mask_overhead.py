@@ -1,10 +1,12 @@
 """What a mask costs on every training step between updates, against the same dense step.
 
-Two models, each trained in one process four ways at once, step by step in turn, so that the
+Two models, each trained in one process five ways at once, step by step in turn, so that the
 drifts of a shared machine hit every variant alike:
   dense         no callback
   inplace       HardshrinkSparsifier(mask_form=auto): the zeros live in the weights, their
-                gradients are zeroed before each optimizer step (plugins/core/mask_forms.py)
+                gradients are zeroed before each optimizer step (plugins/core/mask_forms.py),
+                on one thread through a one-byte copy of the mask (plugins/core/byte_mask.py)
+  inplace_float the same, the gradients zeroed by torch's product with the float mask
   parametrize   HardshrinkSparsifier(mask_form=parametrize): a mask multiplies each weight in
                 forward (and its gradient in backward)
   modelpruning  lightning.pytorch.callbacks.ModelPruning, global l1_unstructured (forward
@@ -17,7 +19,7 @@ conv and linear weights at the end of the first epoch; the second epoch's steps 
 left out) are the steps between updates that are timed, from the first callback's
 ``on_train_batch_start`` to the last one's ``on_train_batch_end`` (forward, backward, optimizer
 step and every callback's batch hooks), on the CPU time of the training thread, torch on one
-thread. The four fits run in four threads of which exactly one works at a time: each takes one
+thread. The five fits run in five threads of which exactly one works at a time: each takes one
 step and hands the turn on, and after every round (one step of each variant) the order rotates
 (:class:`_Turns`). A step is so compared with the dense step of its own round, taken seconds
 before or after it, not with a run minutes away: on a machine shared with other jobs, separate
@@ -56,7 +58,7 @@ from benchmarks.timing import add_clock_args, parse_with_output, write_results  
 from benchmarks.timing import clock as read_clock  # noqa: E402
 from plugins.sparsity.hardshrink import HardshrinkSparsifier  # noqa: E402
 
-VARIANTS = ("dense", "inplace", "parametrize", "modelpruning")
+VARIANTS = ("dense", "inplace", "inplace_float", "parametrize", "modelpruning")
 SPARSITY = 0.9
 
 
@@ -100,10 +102,11 @@ def _weights(net: nn.Module) -> list[tuple[nn.Module, str]]:
 
 
 def _plugin(variant: str, net: nn.Module) -> list[L.Callback]:
-    if variant in ("inplace", "parametrize"):
+    if variant in ("inplace", "inplace_float", "parametrize"):
         schedule = {"kind": "constant", "end": SPARSITY, "begin_epoch": 1, "end_epoch": 1}
-        form = "auto" if variant == "inplace" else "parametrize"
-        return [HardshrinkSparsifier(schedule, mode="sparsity", scope="global", mask_form=form, bake_at_end=False)]
+        form = "parametrize" if variant == "parametrize" else "auto"
+        sparsifier = HardshrinkSparsifier(schedule, mode="sparsity", scope="global", mask_form=form, bake_at_end=False)
+        return [sparsifier, _FloatProduct(sparsifier)] if variant == "inplace_float" else [sparsifier]
     if variant == "modelpruning":
         from lightning.pytorch.callbacks import ModelPruning
 
@@ -119,6 +122,16 @@ def _plugin(variant: str, net: nn.Module) -> list[L.Callback]:
             )
         ]
     return []
+
+
+class _FloatProduct(L.Callback):
+    """Switches the sparsifier's in-place masks to torch's float product (no one-byte loop)."""
+
+    def __init__(self, sparsifier: HardshrinkSparsifier) -> None:
+        self.sparsifier = sparsifier
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.sparsifier.held.byte_loop = False
 
 
 class _Turns:
@@ -196,19 +209,20 @@ def run_repeat(model: str, args: argparse.Namespace) -> tuple[dict[str, list[flo
     between updates (second epoch, its first two steps left out) per variant, and the variant that
     took each step of the repeat, in order."""
     build, shape = MODELS[model]
-    turns, clocks, fits, nets = _Turns(VARIANTS), {}, {}, {}
+    turns, clocks, fits, nets, plugins = _Turns(VARIANTS), {}, {}, {}, {}
     for variant in VARIANTS:
         L.seed_everything(args.seed, verbose=False)  # the same weights and data for every variant
         nets[variant] = net = build()
         data = TensorDataset(
             torch.randn(args.steps * args.batch, *shape), torch.randint(0, 10, (args.steps * args.batch,))
         )
+        plugins[variant] = _plugin(variant, net)
         clocks[variant] = clock = _Clock()
         clock.now = read_clock(args.clock)
         trainer = L.Trainer(
             max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-            callbacks=[_TakeTurn(turns, variant, clock), *_plugin(variant, net), _PassTurn(turns, variant, clock)],
+            callbacks=[_TakeTurn(turns, variant, clock), *plugins[variant], _PassTurn(turns, variant, clock)],
         )
         fits[variant] = (trainer, Trained(net), DataLoader(data, batch_size=args.batch))
     errors: list[BaseException] = []
@@ -234,6 +248,9 @@ def run_repeat(model: str, args: argparse.Namespace) -> tuple[dict[str, list[flo
         zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
         if variant != "dense" and abs(zeros - SPARSITY) > 0.01:
             raise RuntimeError(f"{model}/{variant}: {zeros:.4f} zeros, not {SPARSITY}")
+    byte_zeroed = {v: bool(plugins[v][0].held.byte_zeroed) for v in ("inplace", "inplace_float")}
+    if byte_zeroed != {"inplace": args.threads == 1, "inplace_float": False}:
+        raise RuntimeError(f"{model}: the in-place variants did not zero gradients the way they name: {byte_zeroed}")
     return {v: clocks[v].steps[args.steps + 2 :] for v in VARIANTS}, turns.stepped
 
 

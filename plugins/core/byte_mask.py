@@ -94,10 +94,10 @@ def _fits(grad: torch.Tensor, buffer: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def zero_under(grad: torch.Tensor, buffer: torch.Tensor, byte_mask: ByteMask) -> bool:
+def zero_under(grad: torch.Tensor, buffer: torch.Tensor, byte_mask: ByteMask | None) -> bool:
     """``grad *= buffer`` in place; True where the one-byte loop did it, False where torch's
-    product did."""
-    if _fits(grad, buffer):
+    product did (always without a ``byte_mask``)."""
+    if byte_mask is not None and _fits(grad, buffer):
         bytes_ = byte_mask.of(buffer)
         kernel = _kernel() if bytes_ is not None else _UNAVAILABLE
         if kernel is not _UNAVAILABLE:

@@ -80,6 +80,7 @@ class HeldZeros:
         self.pairs: list[tuple[str, torch.Tensor, Mask]] = []
         self._bytes: dict[int, ByteMask] = {}  # by id of the stored tensor
         self.byte_zeroed: set[str] = set()  # the tensors the one-byte loop zeroed at the last step
+        self.byte_loop = True  # False: torch's float product for every tensor (to compare the two)
         self._last: tuple[int, int] | None = None
         self.refresh()
 
@@ -109,7 +110,7 @@ class HeldZeros:
         for name, tensor, mask in self.pairs:
             # A mask capturing the dense gradient multiplies in forward: its gradient is masked.
             if tensor.grad is not None and not mask.capture:
-                if zero_under(tensor.grad, mask.mask, self._bytes[id(tensor)]):
+                if zero_under(tensor.grad, mask.mask, self._bytes[id(tensor)] if self.byte_loop else None):
                     self.byte_zeroed.add(name)
 
     @torch.no_grad()
