@@ -206,11 +206,12 @@ def test_where_the_one_byte_loop_does_not_fit_torchs_product_zeroes_the_gradient
         "half precision": (torch.randn(8, 6).half(), (torch.rand(8, 6) > 0.5).half()),
         "not contiguous": (torch.randn(6, 8).t(), (torch.rand(8, 6) > 0.5).float()),
         "soft mask": (torch.randn(8, 6), torch.full((8, 6), 0.5)),
+        "sparse gradient": (torch.randn(8, 6).to_sparse(), (torch.rand(8, 6) > 0.5).float()),
     }
     for name, (grad, mask) in cases.items():
-        expected = grad * mask
+        expected = (grad * mask).to_dense()
         assert not zero_under(grad, mask, ByteMask()), name
-        assert torch.equal(grad, expected), name
+        assert torch.equal(grad.to_dense(), expected), name
     torch.set_num_threads(2)
     grad, mask = torch.randn(8, 6), (torch.rand(8, 6) > 0.5).float()
     assert not zero_under(grad, mask, ByteMask())  # torch's product splits the work across threads

@@ -85,7 +85,8 @@ class ByteMask:
 
 def _fits(grad: torch.Tensor, buffer: torch.Tensor) -> bool:
     return (
-        grad.device.type == "cpu"
+        grad.layout == torch.strided  # a sparse gradient (Embedding(sparse=True)) has no contiguity to ask
+        and grad.device.type == "cpu"
         and grad.dtype in (torch.float32, torch.float64)
         and grad.shape == buffer.shape
         and grad.is_contiguous()
