@@ -215,3 +215,17 @@ def test_where_the_one_byte_loop_does_not_fit_torchs_product_zeroes_the_gradient
     torch.set_num_threads(2)
     grad, mask = torch.randn(8, 6), (torch.rand(8, 6) > 0.5).float()
     assert not zero_under(grad, mask, ByteMask())  # torch's product splits the work across threads
+
+
+def test_without_a_working_numba_one_warning_and_torchs_product_does_the_work(one_thread, monkeypatch):
+    import numba
+
+    from plugins.core import byte_mask
+
+    monkeypatch.setattr(byte_mask, "_KERNEL", None)
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)  # a pure-Python loop: seconds a step
+    grad, mask = torch.randn(64, 48), (torch.rand(64, 48) > 0.5).float()
+    expected = grad * mask
+    with pytest.warns(UserWarning, match="one-byte gradient mask is off .*NUMBA_DISABLE_JIT"):
+        assert not zero_under(grad, mask, ByteMask())
+    assert torch.equal(grad, expected)

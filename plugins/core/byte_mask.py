@@ -29,27 +29,38 @@ _KERNEL: Any = None
 _UNAVAILABLE = object()
 
 
+def _compile() -> Any:
+    import numba
+
+    if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the loop would run in Python, seconds a step
+        raise RuntimeError("NUMBA_DISABLE_JIT is set")
+
+    # No on-disk cache: processes of one sweep or one DDP job would write the same cache files.
+    @numba.njit(nogil=True, boundscheck=False)
+    def multiply(grad: np.ndarray, mask: np.ndarray) -> None:  # pragma: no cover - compiled
+        for i in range(grad.size):
+            grad[i] = grad[i] * mask[i]
+
+    for dtype in (np.float32, np.float64):  # compile both now, so that a failure shows here
+        multiply(np.ones(2, dtype), np.ones(2, np.uint8))
+    return multiply
+
+
 def _kernel() -> Any:
     """The compiled loop, compiled at its first use in this process (about a second), or
-    ``_UNAVAILABLE`` where numba cannot be imported."""
+    ``_UNAVAILABLE`` where numba cannot be imported or compile it: then one warning, and torch's
+    product does the work."""
     global _KERNEL
     if _KERNEL is None:
         try:
-            import numba
-        except ImportError as error:  # a declared dependency: say so once, then multiply as torch does
+            _KERNEL = _compile()
+        except Exception as error:  # noqa: BLE001 - any failure of an optional speed-up: say it, then go on
             warnings.warn(
-                f"numba cannot be imported ({error}); masked gradients are zeroed by torch's product", stacklevel=3
+                f"the one-byte gradient mask is off ({type(error).__name__}: {error}); masked gradients are "
+                "zeroed by torch's product",
+                stacklevel=3,
             )
             _KERNEL = _UNAVAILABLE
-            return _KERNEL
-
-        # No on-disk cache: processes of one sweep or one DDP job would write the same cache files.
-        @numba.njit(nogil=True, boundscheck=False)
-        def multiply(grad: np.ndarray, mask: np.ndarray) -> None:  # pragma: no cover - compiled
-            for i in range(grad.size):
-                grad[i] = grad[i] * mask[i]
-
-        _KERNEL = multiply
     return _KERNEL
 
 
