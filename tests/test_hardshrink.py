@@ -171,9 +171,12 @@ def test_threshold_mode_in_training_equals_hardshrink_after_every_update(tmp_pat
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_sparsity_mode_reaches_the_target_per_layer_or_globally(scope):
+    torch.manual_seed(0)  # not whatever state earlier tests left
     model = nn.Sequential(nn.Linear(40, 50), nn.Linear(50, 7))
     with torch.no_grad():
-        model[1].weight.mul_(10)  # a global lambda then spares the second layer
+        # A global lambda then spares the second layer: about 1% of its weights are below the
+        # first layer's largest (at x10 it was about 8%, too close to the bar below for any seed).
+        model[1].weight.mul_(100)
     cb = gmp(scope=scope)
     cb.setup(None, model, "fit")
     cb.apply(0.6)
