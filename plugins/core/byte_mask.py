@@ -112,9 +112,9 @@ def zero_under(grad: torch.Tensor, buffer: torch.Tensor, byte_mask: ByteMask | N
     """``grad *= buffer`` in place; True where the one-byte loop did it, False where torch's
     product did (always without a ``byte_mask``)."""
     if byte_mask is not None and _fits(grad, buffer):
-        bytes_ = byte_mask.of(buffer)
-        kernel = _kernel() if bytes_ is not None else _UNAVAILABLE
-        if kernel is not _UNAVAILABLE:
+        kernel = _kernel()  # first: without it, no byte copy is worth holding
+        bytes_ = byte_mask.of(buffer) if kernel is not _UNAVAILABLE else None
+        if bytes_ is not None:
             kernel(grad.detach().view(-1).numpy(), bytes_)
             return True
     grad.mul_(buffer)
