@@ -5,8 +5,11 @@ drifts of a shared machine hit every variant alike:
   dense         no callback
   inplace       HardshrinkSparsifier(mask_form=auto): the zeros live in the weights, their
                 gradients are zeroed before each optimizer step (plugins/core/mask_forms.py),
-                on one thread through a one-byte copy of the mask (plugins/core/byte_mask.py)
-  inplace_float the same, the gradients zeroed by torch's product with the float mask
+                on one thread through a one-byte copy of the mask (plugins/core/byte_mask.py);
+                a Linear's of at least 1 MiB inside its backward, block by block while in cache
+                (plugins/core/masked_linear.py)
+  inplace_float the same, the gradients zeroed after backward by torch's product with the float
+                mask (HeldZeros.byte_loop=False: neither the one-byte loop nor the backward blocks)
   parametrize   HardshrinkSparsifier(mask_form=parametrize): a mask multiplies each weight in
                 forward (and its gradient in backward)
   modelpruning  lightning.pytorch.callbacks.ModelPruning, global l1_unstructured (forward
@@ -248,9 +251,13 @@ def run_repeat(model: str, args: argparse.Namespace) -> tuple[dict[str, list[flo
         zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
         if variant != "dense" and abs(zeros - SPARSITY) > 0.01:
             raise RuntimeError(f"{model}/{variant}: {zeros:.4f} zeros, not {SPARSITY}")
-    byte_zeroed = {v: bool(plugins[v][0].held.byte_zeroed) for v in ("inplace", "inplace_float")}
+    helds = {v: plugins[v][0].held for v in ("inplace", "inplace_float")}
+    byte_zeroed = {v: bool(held.byte_zeroed | held.backward_zeroed) for v, held in helds.items()}
     if byte_zeroed != {"inplace": args.threads == 1, "inplace_float": False}:
         raise RuntimeError(f"{model}: the in-place variants did not zero gradients the way they name: {byte_zeroed}")
+    in_backward = helds["inplace"].backward_zeroed
+    if model == "mlp_3x2048" and args.threads == 1 and len(in_backward) != 3:
+        raise RuntimeError(f"{model}: the 2048-wide layers were not zeroed in backward: {in_backward}")
     return {v: clocks[v].steps[args.steps + 2 :] for v in VARIANTS}, turns.stepped
 
 

@@ -17,14 +17,20 @@ def test_bench_quick_times_every_way_against_the_float_product(tmp_path) -> None
     result = bench_gradient_zeroing.main(["--quick", "--out", str(tmp_path)])
     assert torch.get_num_threads() == threads
     table = result["table"]
-    assert set(table) == {"flushed", "hot"}
-    for rows in table.values():
+    assert set(table) == {"flushed", "hot", "with_product"}
+    for cache in ("flushed", "hot"):
+        rows = table[cache]
         assert "one-byte loop (ours)" in rows and rows["grad.mul_(float mask)"]["x_float_product"] == 1.0
+    rows = table["with_product"]
+    assert "in backward, block by block (ours)" in rows
+    assert rows["product, then grad.mul_(float mask)"]["x_float_product"] == 1.0
+    for rows in table.values():
         assert all(row["lo"] <= row["ms"] <= row["hi"] for row in rows.values())
     assert json.loads((tmp_path / "gradient_zeroing.json").read_text())["table"] == table
 
 
 def test_a_way_that_zeroes_something_else_stops_the_benchmark(monkeypatch) -> None:
+    """Also the ways that compute the weight gradient: one that skips the mask stops it."""
     real = bench_gradient_zeroing.ways
 
     def with_a_wrong_way(grad, keep):
@@ -35,6 +41,17 @@ def test_a_way_that_zeroes_something_else_stops_the_benchmark(monkeypatch) -> No
     monkeypatch.setattr(bench_gradient_zeroing, "ways", with_a_wrong_way)
     grad, keep = torch.randn(64, 64), torch.rand(64, 64) > 0.9
     with pytest.raises(RuntimeError, match="grad.zero_"):
+        bench_gradient_zeroing.check_same(grad, keep)
+    monkeypatch.setattr(bench_gradient_zeroing, "ways", real)
+    products = bench_gradient_zeroing.with_product
+
+    def with_an_unmasked_product(grad_output, input, keep):
+        found = products(grad_output, input, keep)
+        found["product only"] = lambda: grad_output.t().mm(input)
+        return found
+
+    monkeypatch.setattr(bench_gradient_zeroing, "with_product", with_an_unmasked_product)
+    with pytest.raises(RuntimeError, match="product only"):
         bench_gradient_zeroing.check_same(grad, keep)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ByteMask", "zero_under"]
+__all__ = ["ByteMask", "compiled_loop", "fits_byte_loop", "zero_under"]
 
 _KERNEL: Any = None
 _UNAVAILABLE = object()
@@ -96,7 +96,14 @@ class ByteMask:
         return self._bytes
 
 
-def _fits(grad: torch.Tensor, buffer: torch.Tensor) -> bool:
+def compiled_loop() -> Any:
+    """The compiled ``grad[i] *= mask[i]`` loop (flat arrays), or ``None`` where numba cannot give it."""
+    kernel = _kernel()
+    return None if kernel is _UNAVAILABLE else kernel
+
+
+def fits_byte_loop(grad: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether the loop may zero ``grad`` (or the gradient of a tensor like it) under ``buffer``."""
     return (
         grad.layout == torch.strided  # a sparse gradient (Embedding(sparse=True)) has no contiguity to ask
         and grad.device.type == "cpu"
@@ -111,9 +118,9 @@ def _fits(grad: torch.Tensor, buffer: torch.Tensor) -> bool:
 def zero_under(grad: torch.Tensor, buffer: torch.Tensor, byte_mask: ByteMask | None) -> bool:
     """``grad *= buffer`` in place; True where the one-byte loop did it, False where torch's
     product did (always without a ``byte_mask``)."""
-    if byte_mask is not None and _fits(grad, buffer):
-        kernel = _kernel()  # first: without it, no byte copy is worth holding
-        bytes_ = byte_mask.of(buffer) if kernel is not _UNAVAILABLE else None
+    if byte_mask is not None and fits_byte_loop(grad, buffer):
+        kernel = compiled_loop()  # first: without it, no byte copy is worth holding
+        bytes_ = byte_mask.of(buffer) if kernel is not None else None
         if bytes_ is not None:
             kernel(grad.detach().view(-1).numpy(), bytes_)
             return True

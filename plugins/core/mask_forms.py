@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 
 from plugins.core.byte_mask import ByteMask, zero_under
 from plugins.core.errors import ConfigError
+from plugins.core.masked_linear import LinearRoute, route_linear, unroute_linear
 from plugins.core.masks import Mask, get_mask, stored
 
 __all__ = ["MASK_FORMS", "check_mask_form", "mask_forms", "HeldZeros", "held_zeros"]
@@ -70,8 +71,10 @@ class HeldZeros:
 
     Cost per optimizer step: one elementwise product per in-place masked tensor (its gradient
     times its mask; on a CPU thread it reads a one-byte copy of the mask, see
-    :mod:`plugins.core.byte_mask`, which costs one byte per masked weight), no Python per element
-    and nothing in forward or backward. Cost of :meth:`check`: one pass over those tensors, at
+    :mod:`plugins.core.byte_mask`, which costs one byte per masked weight), no Python per element.
+    On one CPU thread, a ``Linear`` weight of at least 1 MiB has its gradient zeroed inside its
+    own backward instead, block by block while in cache (:mod:`plugins.core.masked_linear`), and
+    that pass is skipped for it. Cost of :meth:`check`: one pass over those tensors, at
     updates and at the end of fit only.
     """
 
@@ -80,23 +83,41 @@ class HeldZeros:
         self.pairs: list[tuple[str, torch.Tensor, Mask]] = []
         self._bytes: dict[int, ByteMask] = {}  # by id of the stored tensor
         self.byte_zeroed: set[str] = set()  # the tensors the one-byte loop zeroed at the last step
+        self.backward_zeroed: set[str] = set()  # those whose Linear backward zeroed them (masked_linear)
+        self._routes: dict[int, LinearRoute] = {}  # by id of the stored tensor
+        self._routed: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self.byte_loop = True  # False: torch's float product for every tensor (to compare the two)
         self._last: tuple[int, int] | None = None
         self.refresh()
 
     def refresh(self) -> None:
         """Find the in-place masks again (after masks were installed or changed form)."""
-        pairs, seen = [], set()
+        pairs, owners = [], {}
         model = self._model()
         for name, module, tensor_name, mask in _masked_tensors(model) if model is not None else ():
             if not mask.inplace:
                 continue
             for tensor in stored(module, tensor_name):
-                if id(tensor) not in seen:  # tied owners share one stored tensor: zero it once
-                    seen.add(id(tensor))
+                if id(tensor) not in owners:  # tied owners share one stored tensor: zero it once
+                    owners[id(tensor)] = []
                     pairs.append((name, tensor, mask))
+                owners[id(tensor)].append((module, tensor_name))
         self.pairs = pairs
         self._bytes = {id(tensor): self._bytes.get(id(tensor)) or ByteMask() for _, tensor, _ in pairs}
+        self._route(owners)
+
+    def _route(self, owners: dict[int, list[tuple[nn.Module, str]]]) -> None:
+        routes, routed = {}, weakref.WeakSet()
+        for _, tensor, mask in self.pairs:
+            if len(owners[id(tensor)]) == 1 and owners[id(tensor)][0][1] == "weight":  # not tied
+                module = owners[id(tensor)][0][0]
+                route = route_linear(module, mask, self._bytes[id(tensor)], lambda: self.byte_loop)
+                if route is not None:
+                    routes[id(tensor)] = route
+                    routed.add(module)
+        for module in set(self._routed) - set(routed):
+            unroute_linear(module)
+        self._routes, self._routed = routes, routed
 
     @torch.no_grad()
     def zero_gradients(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -106,11 +127,14 @@ class HeldZeros:
         if token == self._last:
             return
         self._last = token
-        self.byte_zeroed = set()
+        self.byte_zeroed, self.backward_zeroed = set(), set()
         for name, tensor, mask in self.pairs:
+            route = self._routes.get(id(tensor))
             # A mask capturing the dense gradient multiplies in forward: its gradient is masked.
             if tensor.grad is not None and not mask.capture:
-                if zero_under(tensor.grad, mask.mask, self._bytes[id(tensor)] if self.byte_loop else None):
+                if route is not None and route.zeroed(tensor.grad):
+                    self.backward_zeroed.add(name)
+                elif zero_under(tensor.grad, mask.mask, self._bytes[id(tensor)] if self.byte_loop else None):
                     self.byte_zeroed.add(name)
 
     @torch.no_grad()
