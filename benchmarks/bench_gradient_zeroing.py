@@ -146,7 +146,7 @@ def markdown(table: dict, meta: dict) -> str:
                 f"The weight gradient of the same Linear at batch {BATCH} (`grad_output.T @ input`) and its zeroing "
                 "together, caches flushed before each:",
                 "",
-                "| | way | median (ms) | range (ms) | x product, then grad.mul_(float mask) |",
+                "| caches | way | median (ms) | range (ms) | x product, then grad.mul_(float mask) |",
                 "| --- | --- | ---: | --- | ---: |",
             ]
         label = "flushed" if cache == "with_product" else cache
