@@ -30,6 +30,10 @@ runs differed by up to 15% from one another, more than the effect measured. Repo
 and variant: the median over all paired rounds of (step / the dense step of the same round), and
 the range of that median over the repeats (fresh models and trainers each).
 
+Full runs first ask glibc's malloc to keep the memory it frees (benchmarks/steady_malloc.py):
+otherwise a fresh 16 MiB gradient costs 4096 page faults at random steps of random variants, more
+noise than the effect measured. ``--malloc default`` measures without.
+
     python benchmarks/bench_mask_overhead.py            # ~5 minutes on 1 CPU thread
     python benchmarks/bench_mask_overhead.py --quick    # smoke run; writes to a temporary folder
 
@@ -57,6 +61,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_hardshrink import _Clock  # noqa: E402
+from benchmarks.steady_malloc import keep_freed_memory  # noqa: E402
 from benchmarks.timing import add_clock_args, parse_with_output, write_results  # noqa: E402
 from benchmarks.timing import clock as read_clock  # noqa: E402
 from plugins.sparsity.hardshrink import HardshrinkSparsifier  # noqa: E402
@@ -300,7 +305,7 @@ def markdown(table: dict, meta: dict) -> str:
         f"{meta['steps']} steps per epoch, batch {meta['batch']}, the second epoch's steps timed and paired by round; "
         f"{SPARSITY:.0%} zeros; "
         f"{meta['threads']} CPU thread(s), {meta['clock']} clock, torch {meta['torch']}, lightning "
-        f"{meta['lightning']}, {meta['machine']}.",
+        f"{meta['lightning']}, {meta['machine']}; {meta['malloc']}.",
         "",
         "| model | variant | step median (ms) | x dense (median over paired steps) | range over repeats |",
         "| --- | --- | ---: | ---: | --- |",
@@ -321,9 +326,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=40, help="training steps per epoch")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="1 repeat of 6 steps; writes to a temporary folder")
+    parser.add_argument(
+        "--malloc",
+        choices=("steady", "default"),
+        default=None,
+        help="steady (full runs): glibc keeps freed memory, no page faults in the steps "
+        "(benchmarks/steady_malloc.py); default (quick runs): the allocator as the process found it",
+    )
     args, out = parse_with_output(parser, argv)
     if args.quick:
         args.rounds, args.steps = 1, 6
+    args.malloc = args.malloc or ("default" if args.quick else "steady")
+    malloc = keep_freed_memory() if args.malloc == "steady" else "malloc as the process started"
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     pinned = args.threads == 1 and hasattr(os, "sched_setaffinity")
@@ -346,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python benchmarks/bench_mask_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rounds": args.rounds, "steps": args.steps, "batch": args.batch, "threads": args.threads,
         "clock": args.clock, "torch": torch.__version__, "lightning": L.__version__,
-        "machine": f"{platform.machine()} {platform.system()}",
+        "machine": f"{platform.machine()} {platform.system()}", "malloc": malloc,
     }
     result = {"meta": meta, "table": table}
     write_results(out, "mask_overhead", markdown(table, meta), result)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -87,3 +89,13 @@ def run_script(source: str, folder: Path, timeout: float = 300) -> subprocess.Co
     return subprocess.run(
         [sys.executable, str(script), str(folder)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test (where the one-byte loop and the blocked Linear
+    backward run), the caller's count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -138,14 +138,6 @@ def test_a_bad_mask_form_is_refused_naming_the_key(bad):
     assert err.value.key == "sparsity.mask_form" and err.value.value == bad
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_on_one_cpu_thread_gradients_are_zeroed_through_a_one_byte_mask_to_the_same_weights(one_thread):
     inplace, a = run("auto", OPTIMIZERS["sgd_momentum_wd"])
     # Every in-place tensor went through the one-byte loop at the last step, not torch's product.

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks.bench_mask_overhead import MODELS, VARIANTS, _Turns, main
 from benchmarks.timing import RESULTS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_turns_let_one_variant_step_at_a_time_in_rotating_rounds() -> None:
@@ -45,6 +51,29 @@ def test_bench_quick_pairs_every_step_with_the_dense_step_of_its_round(tmp_path)
         assert os.sched_getaffinity(0) == cores  # pinned to one core while measuring, not after
     assert json.loads((tmp_path / "mask_overhead.json").read_text())["table"] == table
     assert "| resnet18 | inplace |" in (tmp_path / "mask_overhead.md").read_text()
+    assert result["meta"]["malloc"] == "malloc as the process started"  # quick runs leave this process alone
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
+def test_a_full_run_keeps_freed_memory_for_reuse_instead_of_mapping_it_afresh() -> None:
+    # In a process of its own: the settings last for the process. Ten 16 MiB tensors freed: by
+    # default glibc gives all 160 MiB back to the kernel (each later one costs 4096 page faults).
+    probe = (
+        "import sys, torch; from benchmarks.steady_malloc import keep_freed_memory\n"
+        "said = keep_freed_memory() if sys.argv[1] == 'steady' else 'default'\n"
+        "def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+        "kept = [torch.ones(2048, 2048) for _ in range(10)]\n"
+        "full = rss()\n"
+        "del kept\n"
+        "print(said, round(full - rss()))\n"
+    )
+    runs = {}
+    for mode in ("steady", "default"):
+        done = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True, cwd=ROOT)
+        said, returned_mib = done.stdout.rsplit(" ", 1)
+        runs[mode] = (said, int(returned_mib))
+    assert runs["steady"] == ("glibc malloc keeps freed memory (one arena, no trimming, mmap above 32 MiB)", 0)
+    assert runs["default"][1] >= 150
 
 
 def test_bench_quick_refuses_to_write_into_the_committed_results() -> None:

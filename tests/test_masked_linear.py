@@ -24,14 +24,6 @@ WIDTHS = (8, 1000, 600, 3)
 ROUTED = {"net.2.weight"}
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Regularized(Tiny):
     """Adds a penalty on net.2's weight whose gradient is nonzero also where the weight is 0
     (``first``: written before the loss, so autograd sums the two gradients the other way round)."""
