@@ -134,3 +134,16 @@ def test_inputs_of_any_shape_get_autograds_gradients_times_the_mask(one_thread, 
     torch.testing.assert_close(layer.parametrizations.weight.original.grad, plain.weight.grad * keep, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.bias.grad, plain.bias.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_func_transforms_see_the_plain_forward(one_thread):
+    torch.manual_seed(0)
+    layer = nn.Linear(1000, 600)
+    ensure_mask(layer, "weight", inplace=True)
+    set_mask(layer, "weight", torch.rand(600, 1000) > 0.9)
+    model = nn.Sequential(layer)
+    held_zeros(model)
+    x = torch.randn(4, 1000)
+    per_sample = torch.func.vmap(torch.func.grad(lambda row: model(row).pow(2).sum()))(x)
+    expected = torch.stack([torch.autograd.grad(model(row).pow(2).sum(), row)[0] for row in x.clone().requires_grad_(True)])
+    torch.testing.assert_close(per_sample, expected, rtol=1e-5, atol=1e-6)

@@ -47,8 +47,8 @@ class Mask(nn.Module):
     parametrization) forward returns ``x`` itself: the stored tensor holds the zeros, and
     :mod:`plugins.core.mask_forms` keeps them there by zeroing the gradient under every 0 of the
     mask before each optimizer step (one elementwise product per step, none in forward; a large
-    ``Linear`` on one CPU thread has it done inside its backward, :mod:`plugins.core.masked_linear`). The buffer, the checkpoint entries and every other use of the mask are the same in
-    both forms.
+    ``Linear`` on one CPU thread has it done inside its backward, :mod:`plugins.core.masked_linear`).
+    The buffer, the checkpoint entries and every other use of the mask are the same in both forms.
 
     While :attr:`capture` is on, the gradient of the loss with respect to the output (the tensor
     the module computes with) is summed into :attr:`dense_grad` at every backward pass: dense, also
