@@ -21,6 +21,7 @@ from tests.test_mask_forms import OPTIMIZERS, sparsifier, stored_weights
 
 # net.2's weight is 600x1000 float32: 2.4 MB, three blocks of 262, 262 and 76 rows.
 WIDTHS = (8, 1000, 600, 3)
+assert 600 * 1000 * 4 >= 2 * BLOCK_BYTES
 ROUTED = {"net.2.weight"}
 
 
@@ -65,10 +66,6 @@ def masked_entries_moved(model: Tiny, callback) -> int:
         mask = get_mask(target.module, target.tensor_name).mask
         moved += int(((target.module.weight != 0) & (mask == 0)).sum())
     return moved
-
-
-def test_the_routed_layer_is_large_enough_to_take_blocks():
-    assert 600 * 1000 * 4 >= 2 * BLOCK_BYTES  # several blocks, the last one partial
 
 
 def test_a_large_linears_gradient_is_zeroed_in_its_backward_to_the_parametrized_weights(one_thread):
