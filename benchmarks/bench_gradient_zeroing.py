@@ -13,7 +13,8 @@ torch on one thread; the median over rounds with its range.
 A second table times what the step really pays for a masked Linear: its weight gradient
 (``grad_output.T @ input`` at batch 32) and the zeroing together. After backward (the product, then
 a pass over the 16 MiB gradient), or inside backward, block by block while in cache
-(plugins/core/masked_linear.py), each round starting with the caches flushed.
+(plugins/core/masked_linear.py), each round starting with the caches flushed; beside them the
+product alone, what a dense step pays for that gradient.
 
 Writes benchmarks/results/gradient_zeroing.md and .json (full mode only).
 """
@@ -43,6 +44,7 @@ SHAPE = (2048, 2048)
 SPARSITY = 0.9
 BATCH = 32
 BASE = {"zeroing": "grad.mul_(float mask)", "with_product": "product, then grad.mul_(float mask)"}
+DENSE = "product alone (dense: nothing zeroed)"
 
 
 def ways(grad: torch.Tensor, keep: torch.Tensor) -> dict[str, Callable[[], object]]:
@@ -106,7 +108,12 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
     table: dict[str, dict[str, dict[str, float]]] = {}
     grad_output, input = torch.randn(BATCH, SHAPE[0]), torch.randn(BATCH, SHAPE[1])
     for cache in ("flushed", "hot", "with_product"):
-        functions = with_product(grad_output, input, keep) if cache == "with_product" else ways(grad, keep)
+        if cache == "with_product":
+            functions = with_product(grad_output, input, keep)
+            # What a dense step pays for the same gradient: the reference for the zeroing's cost.
+            functions[DENSE] = lambda: grad_output.t().mm(input)
+        else:
+            functions = ways(grad, keep)
         times: dict[str, list[float]] = {name: [] for name in functions}
         order = list(functions)
         for _ in range(args.rounds):
