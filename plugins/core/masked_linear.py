@@ -58,7 +58,7 @@ class LinearRoute:
             self._enabled()
             and torch.is_grad_enabled()
             and weight.requires_grad
-            and not getattr(self.mask, "capture", False)
+            and not self.mask.capture
             and input.device == weight.device
             and input.dtype == weight.dtype
             and weight.numel() * weight.element_size() >= BLOCK_BYTES
@@ -123,12 +123,12 @@ def _transforms_active() -> bool:
 
 
 def _routed_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    weight = self.weight  # read once: through parametrize, each read calls the parametrization
     if not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _transforms_active()):
         route = _ROUTES.get(self)
-        weight = self.weight
         if route is not None and route.takes(input, weight):
             return _MaskedWeightGrad.apply(input, weight, self.bias, route)
-    return F.linear(input, self.weight, self.bias)
+    return F.linear(input, weight, self.bias)
 
 
 def _routable(module: nn.Module) -> bool:
