@@ -28,7 +28,9 @@ step and hands the turn on, and after every round (one step of each variant) the
 before or after it, not with a run minutes away: on a machine shared with other jobs, separate
 runs differed by up to 15% from one another, more than the effect measured. Reported per model
 and variant: the median over all paired rounds of (step / the dense step of the same round), and
-the range of that median over the repeats (fresh models and trainers each).
+the range of that median over the repeats (fresh models and trainers each); and where the extra
+time goes: each step split in three phases (forward, backward, optimizer step, see
+:class:`_PhaseClock`), each phase minus the dense phase of the same round, the median in ms.
 
 Full runs first ask glibc's malloc to keep the memory it frees (benchmarks/steady_malloc.py):
 otherwise a fresh 16 MiB gradient costs 4096 page faults at random steps of random variants, more
@@ -182,8 +184,30 @@ class _Turns:
             self.cond.notify_all()
 
 
+PHASES = ("forward", "backward", "optimizer")
+
+
+class _PhaseClock(_Clock):
+    """A step's time, and its three phases: ``forward`` (batch start to ``on_before_backward``:
+    zero_grad, forward, loss), ``backward`` (to the last callback's ``on_after_backward``) and
+    ``optimizer`` (to batch end: ``on_before_optimizer_step`` callbacks, where the in-place form zeroes
+    the gradients it did not zero in backward, the optimizer step and the batch-end hooks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marks: list[float] = []
+        self.phases: dict[str, list[float]] = {p: [] for p in PHASES}
+
+    def add_phases(self, marks: list[float]) -> None:
+        if len(marks) != len(PHASES) + 1:
+            raise RuntimeError(f"a step's phases were not all seen: {len(marks)} marks")
+        for phase, start, stop in zip(PHASES, marks[:-1], marks[1:], strict=True):
+            self.phases[phase].append(stop - start)
+
+
 class _TakeTurn(L.Callback):
-    """First callback: waits for the turn before training starts; times each step's start."""
+    """First callback: waits for the turn before training starts; times each step's start and the
+    start of its backward."""
 
     def __init__(self, turns: _Turns, name: str, clock: _Clock) -> None:
         self.turns, self.name, self.clock = turns, name, clock
@@ -193,17 +217,27 @@ class _TakeTurn(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.clock._step = self.clock.now()
+        self.clock.marks = [self.clock._step]
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.clock.marks.append(self.clock.now())
 
 
 class _PassTurn(L.Callback):
-    """Last callback: times each step's end, hands the turn on and waits for it to come back (so
-    nothing of this fit runs while another variant's step is timed); leaves at the end of training."""
+    """Last callback: times the end of each step's backward and of the step, hands the turn on and
+    waits for it to come back (so nothing of this fit runs while another variant's step is timed);
+    leaves at the end of training."""
 
     def __init__(self, turns: _Turns, name: str, clock: _Clock) -> None:
         self.turns, self.name, self.clock = turns, name, clock
 
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.clock.marks.append(self.clock.now())  # after every callback's on_after_backward
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.clock.steps.append(self.clock.now() - self.clock._step)
+        end = self.clock.now()
+        self.clock.steps.append(end - self.clock._step)
+        self.clock.add_phases([*self.clock.marks, end])
         self.turns.stepped.append(self.name)
         self.turns.pass_on(self.name)
         self.turns.wait(self.name)
@@ -212,10 +246,10 @@ class _PassTurn(L.Callback):
         self.turns.pass_on(self.name, leave=True)
 
 
-def run_repeat(model: str, args: argparse.Namespace) -> tuple[dict[str, list[float]], list[str]]:
+def run_repeat(model: str, args: argparse.Namespace) -> tuple[dict[str, dict[str, list[float]]], list[str]]:
     """Every variant's fit of ``model``, step-interleaved (:class:`_Turns`): the time of each step
-    between updates (second epoch, its first two steps left out) per variant, and the variant that
-    took each step of the repeat, in order."""
+    between updates (second epoch, its first two steps left out) and of each of its phases
+    (:class:`_PhaseClock`) per variant, and the variant that took each step of the repeat, in order."""
     build, shape = MODELS[model]
     turns, clocks, fits, nets, plugins = _Turns(VARIANTS), {}, {}, {}, {}
     for variant in VARIANTS:
@@ -225,7 +259,7 @@ def run_repeat(model: str, args: argparse.Namespace) -> tuple[dict[str, list[flo
             torch.randn(args.steps * args.batch, *shape), torch.randint(0, 10, (args.steps * args.batch,))
         )
         plugins[variant] = _plugin(variant, net)
-        clocks[variant] = clock = _Clock()
+        clocks[variant] = clock = _PhaseClock()
         clock.now = read_clock(args.clock)
         trainer = L.Trainer(
             max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -263,7 +297,9 @@ def run_repeat(model: str, args: argparse.Namespace) -> tuple[dict[str, list[flo
     in_backward = helds["inplace"].backward_zeroed
     if model == "mlp_3x2048" and args.threads == 1 and len(in_backward) != 3:
         raise RuntimeError(f"{model}: the 2048-wide layers were not zeroed in backward: {in_backward}")
-    return {v: clocks[v].steps[args.steps + 2 :] for v in VARIANTS}, turns.stepped
+    timed = slice(args.steps + 2, None)
+    times = {v: {"step": clocks[v].steps[timed]} | {p: clocks[v].phases[p][timed] for p in PHASES} for v in VARIANTS}
+    return times, turns.stepped
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -272,16 +308,23 @@ def measure(args: argparse.Namespace) -> dict:
         steps: dict[str, list[float]] = {v: [] for v in VARIANTS}
         ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
         repeat_ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        phases: dict[str, dict[str, list[float]]] = {v: {p: [] for p in PHASES} for v in VARIANTS}
+        extra: dict[str, dict[str, list[float]]] = {v: {p: [] for p in PHASES} for v in VARIANTS}
         for repeat in range(args.rounds):
             times, stepped = run_repeat(model, args)
             rounds = [stepped[i : i + len(VARIANTS)] for i in range(0, len(stepped), len(VARIANTS))]
             if any(sorted(r) != sorted(VARIANTS) for r in rounds):
                 raise RuntimeError(f"{model}: the variants did not step in rounds: {stepped}")
+            dense = times["dense"]
             for v in VARIANTS:
-                paired = [t / d for t, d in zip(times[v], times["dense"], strict=True)]  # the same round's steps
-                steps[v] += times[v]
+                # Each step against the dense step of the same round.
+                paired = [t / d for t, d in zip(times[v]["step"], dense["step"], strict=True)]
+                steps[v] += times[v]["step"]
                 ratios[v] += paired
                 repeat_ratios[v].append(statistics.median(paired))
+                for p in PHASES:
+                    phases[v][p] += times[v][p]
+                    extra[v][p] += [t - d for t, d in zip(times[v][p], dense[p], strict=True)]
             print(model, repeat, {v: round(r[-1], 3) for v, r in repeat_ratios.items()}, flush=True)
         table[model] = {
             v: {
@@ -290,6 +333,8 @@ def measure(args: argparse.Namespace) -> dict:
                 "x_dense_range": [min(repeat_ratios[v]), max(repeat_ratios[v])],
                 "paired_steps": len(ratios[v]),
                 "steps_ms": [1e3 * t for t in steps[v]],
+                "phases_ms": {p: [1e3 * t for t in phases[v][p]] for p in PHASES},
+                "over_dense_ms": {p: 1e3 * statistics.median(extra[v][p]) for p in PHASES},
             }
             for v in VARIANTS
         }
@@ -307,15 +352,24 @@ def markdown(table: dict, meta: dict) -> str:
         f"{meta['threads']} CPU thread(s), {meta['clock']} clock, torch {meta['torch']}, lightning "
         f"{meta['lightning']}, {meta['machine']}; {meta['malloc']}.",
         "",
-        "| model | variant | step median (ms) | x dense (median over paired steps) | range over repeats |",
-        "| --- | --- | ---: | ---: | --- |",
+        "| model | variant | step median (ms) | x dense (median over paired steps) | range over repeats "
+        "| over dense (ms): forward | backward | optimizer |",
+        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for model, rows in table.items():
         for variant, row in rows.items():
             lo, hi = row["x_dense_range"]
+            over = " | ".join(f"{row['over_dense_ms'][p]:+.2f}" for p in PHASES)
             lines.append(
-                f"| {model} | {variant} | {row['step_ms']:.2f} | {row['x_dense']:.3f} | {lo:.3f} - {hi:.3f} |"
+                f"| {model} | {variant} | {row['step_ms']:.2f} | {row['x_dense']:.3f} | {lo:.3f} - {hi:.3f} | {over} |"
             )
+    lines += [
+        "",
+        "Over dense: the median over paired rounds of (the variant's phase - the dense phase of the same round). "
+        "forward: batch start to backward (zero_grad, forward, loss); backward: to the last on_after_backward; "
+        "optimizer: to batch end (on_before_optimizer_step hooks, where the in-place form zeroes the gradients "
+        "not zeroed in backward, the step, the batch-end hooks).",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,6 @@
-"""The mask-overhead benchmark's smoke run: the four variants step in rounds, every ratio is a step
-over the dense step of its own round, and a quick run never writes into the committed results."""
+"""The mask-overhead benchmark's smoke run: the five variants step in rounds, every ratio is a step
+over the dense step of its own round, the three phases of each step add up to it, and a quick run
+never writes into the committed results."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench_mask_overhead import MODELS, VARIANTS, _Turns, main
+from benchmarks.bench_mask_overhead import MODELS, PHASES, VARIANTS, _Turns, main
 from benchmarks.timing import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,10 +48,19 @@ def test_bench_quick_pairs_every_step_with_the_dense_step_of_its_round(tmp_path)
             paired = [t / d for t, d in zip(row["steps_ms"], dense, strict=True)]
             assert row["x_dense"] == pytest.approx(statistics.median(paired)), (model, variant)
         assert rows["dense"]["x_dense"] == 1.0
+        assert rows["dense"]["over_dense_ms"] == {p: 0.0 for p in PHASES}
+        for variant, row in rows.items():
+            # The three phases tile the step: each step is their sum.
+            phases = row["phases_ms"]
+            for i, step in enumerate(row["steps_ms"]):
+                assert sum(phases[p][i] for p in PHASES) == pytest.approx(step, rel=1e-9, abs=1e-9), (model, variant)
+            gaps = [[t - d for t, d in zip(phases[p], rows["dense"]["phases_ms"][p], strict=True)] for p in PHASES]
+            assert [row["over_dense_ms"][p] for p in PHASES] == pytest.approx([statistics.median(g) for g in gaps])
     if cores is not None:
         assert os.sched_getaffinity(0) == cores  # pinned to one core while measuring, not after
     assert json.loads((tmp_path / "mask_overhead.json").read_text())["table"] == table
-    assert "| resnet18 | inplace |" in (tmp_path / "mask_overhead.md").read_text()
+    written = (tmp_path / "mask_overhead.md").read_text()
+    assert "| resnet18 | inplace |" in written and "| over dense (ms): forward | backward | optimizer |" in written
     assert result["meta"]["malloc"] == "malloc as the process started"  # quick runs leave this process alone
 
 
