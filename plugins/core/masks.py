@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from plugins.core.errors import ConfigError
+from plugins.core.in_place_read import read_in_place
 
 __all__ = [
     "Mask",
@@ -68,6 +69,11 @@ class Mask(nn.Module):
         super().__init__()
         # Same dtype as the weight: no promotion in forward, and DDP broadcasts it like any buffer.
         self.register_buffer("mask", torch.ones(shape, dtype=dtype, device=device))
+
+    def passes_through(self) -> bool:
+        """Whether forward returns its input itself, with no hook to see the call (then the
+        module reads the stored tensor directly, :mod:`plugins.core.in_place_read`)."""
+        return self.inplace and not self.capture and not self._forward_hooks and not self._forward_pre_hooks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inplace and not self.capture:
@@ -155,6 +161,7 @@ def ensure_mask(
     )
     parametrize.register_parametrization(module, tensor_name, mask, unsafe=True)
     mask.inplace = inplace
+    read_in_place(module, tensor_name)
     return mask
 
 
@@ -162,6 +169,7 @@ def share_mask(module: nn.Module, tensor_name: str, mask: Mask) -> None:
     """Register ``mask`` (another owner's) on ``module.tensor_name``: for tied tensors, whose owners
     must compute with one mask."""
     parametrize.register_parametrization(module, tensor_name, mask, unsafe=True)
+    read_in_place(module, tensor_name)
 
 
 @torch.no_grad()
