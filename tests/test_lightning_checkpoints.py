@@ -109,6 +109,27 @@ def test_fit_resumes_into_a_fresh_trainer(fitted, tmp_path):
             assert new.history[: len(old.history)] == old.history  # the schedule went on from there
 
 
+def test_a_compacted_model_refuses_a_checkpoint_saved_before_its_pruning(tmp_path):
+    # Pruned and compacted at the start of epoch 1: epoch 0's checkpoint still uses the channels
+    # compaction removed, and sliced into the compacted model it would compute something else.
+    L.seed_everything(0)
+    module, data = build()
+    late = {"kind": "constant", "end": 0.5, "begin_epoch": 1, "end_epoch": 1}
+    t, _ = trainer(tmp_path, [StructuredPruning(method="l1", schedule=late, exclude=["*head*"], compact=True)])
+    t.fit(module, datamodule=data)
+    assert module.net.features[0][0].out_channels == 16
+    x = next(iter(data.test_dataloader()))[0]
+    with torch.no_grad():
+        before = module.eval()(x)
+    with pytest.raises(CheckpointMismatch, match=r"net\.features\.0\.0\.weight.*saved before this pruning"):
+        t.test(module, datamodule=data, ckpt_path=tmp_path / "every" / "epoch=0.ckpt", verbose=False)
+    with torch.no_grad():
+        assert torch.equal(module.eval()(x), before)  # the failed load left the model as it was
+    after = tmp_path / "every" / "epoch=1.ckpt"  # saved after the pruning: loads, and tests as the full model
+    live = t.test(module, datamodule=data, ckpt_path=after, verbose=False)[0]["test/acc"]
+    assert live == pytest.approx(plain_test(str(after)), abs=1e-6)
+
+
 def test_failed_load_leaves_the_live_model_unchanged(tmp_path):
     module, data = build()
     plugins = [

@@ -41,6 +41,7 @@ __all__ = [
     "to_plain_form",
     "install_load_hook",
     "set_compaction_plan",
+    "plain_state",
     "restore_raw",
 ]
 
@@ -117,15 +118,35 @@ def _plain_to_parametrized(model: nn.Module, state: dict[str, Any], prefix: str)
                 state[full] = torch.ones_like(tensor) if key.endswith(".mask") else tensor.detach().clone()
 
 
-def _slice(state: dict[str, Any], plan: Mapping[str, Mapping[int, torch.Tensor]], prefix: str) -> None:
-    for key, dims in plan.items():
+def _dropped(size: int, kept: torch.Tensor) -> torch.Tensor:
+    keep = torch.zeros(size, dtype=torch.bool)
+    keep[kept.cpu()] = True
+    return (~keep).nonzero().flatten()
+
+
+def _slice(state: dict[str, Any], hook: _LoadHook, prefix: str) -> None:
+    sliced, nonzero = {}, []
+    for key, dims in hook.plan.items():
         value = state.get(prefix + key)
         if not torch.is_tensor(value):
             continue
         for dim, kept in dims.items():
             if kept.numel() and value.shape[dim] != kept.numel() and value.shape[dim] > int(kept.max()):
+                dropped = hook.zeros.get(key, {}).get(dim)
+                if dropped is not None and value.index_select(dim, dropped.to(value.device)).any():
+                    nonzero.append(key)
                 value = value.index_select(dim, kept.to(value.device))
-        state[prefix + key] = value
+        sliced[prefix + key] = value
+    if nonzero:
+        # A checkpoint from before the pruning (or of another one): slicing would drop weights
+        # that still count, and the compacted model would compute something else, silently.
+        shown = ", ".join(nonzero[:3]) + (f" and {len(nonzero) - 3} more" if len(nonzero) > 3 else "")
+        raise CheckpointMismatch(
+            f"the checkpoint does not fit this compacted model: {shown} hold non-zero values where "
+            "compaction removed zeros (a checkpoint saved before this pruning); load it into the "
+            "full-width model instead; the model was left unchanged"
+        )
+    state.update(sliced)
 
 
 def _check_fits(model: nn.Module, state: Mapping[str, Any], prefix: str) -> None:
@@ -150,11 +171,12 @@ class _LoadHook:
 
     def __init__(self) -> None:
         self.plan: dict[str, dict[int, torch.Tensor]] = {}
+        self.zeros: dict[str, dict[int, torch.Tensor]] = {}  # slices that were all zero when removed
 
     def __call__(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
         _plain_to_parametrized(module, state_dict, prefix)
         if self.plan:
-            _slice(state_dict, self.plan, prefix)
+            _slice(state_dict, self, prefix)
         if strict:
             _check_fits(module, state_dict, prefix)
 
@@ -167,11 +189,35 @@ def install_load_hook(model: nn.Module) -> None:
         object.__setattr__(model, _HOOK_ATTR, hook)
 
 
-def set_compaction_plan(model: nn.Module, plan: Mapping[str, Mapping[int, torch.Tensor]]) -> None:
+def set_compaction_plan(
+    model: nn.Module, plan: Mapping[str, Mapping[int, torch.Tensor]], before: Mapping[str, torch.Tensor]
+) -> None:
     """After compaction: full-width checkpoints load into ``model`` sliced to its kept indices
-    (``plan``: state-dict key -> dim -> kept indices, from :func:`plugins.pruning.compaction.compact`)."""
+    (``plan``: state-dict key -> dim -> kept indices, from :func:`plugins.pruning.compaction.compact`).
+
+    ``before`` holds the plain state of the model right before compaction. A removed slice that was
+    all zero there (a pruned output channel, its bias) must be all zero in a checkpoint that loads:
+    one saved before the pruning is refused with :class:`CheckpointMismatch`, not sliced into a
+    model that computes something else. Slices removed because their input is gone (the next
+    layer's input channels, a norm's running statistics) may hold anything.
+    """
     install_load_hook(model)
-    getattr(model, _HOOK_ATTR).plan = {k: dict(v) for k, v in plan.items()}
+    hook = getattr(model, _HOOK_ATTR)
+    hook.plan = {k: dict(v) for k, v in plan.items()}
+    hook.zeros = {}
+    for key, dims in hook.plan.items():
+        value = before.get(key)
+        for dim, kept in dims.items() if torch.is_tensor(value) else ():
+            dropped = _dropped(value.shape[dim], kept)
+            if dropped.numel() and not value.index_select(dim, dropped.to(value.device)).any():
+                hook.zeros.setdefault(key, {})[dim] = dropped
+
+
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict in plain names, with the values it computes with (a checkpoint's form)."""
+    checkpoint = {"state_dict": model.state_dict()}
+    to_plain_form(checkpoint, model)
+    return checkpoint["state_dict"]
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from plugins.core.checkpoint_form import set_compaction_plan
+from plugins.core.checkpoint_form import plain_state, set_compaction_plan
 from plugins.core.decision import Group
 from plugins.core.errors import CompactionMismatch, ConfigError
 from plugins.core.mask_mechanism import MaskMechanism
@@ -201,7 +201,7 @@ class HeadMasks(MaskMechanism):
             except CompactionMismatch as err:
                 raise CompactionMismatch(f"{self.key}.compact: {err}") from None
         # The checkpoints stay full width (masked): the compact module loads them sliced.
-        set_compaction_plan(pl_module, plan)
+        set_compaction_plan(pl_module, plan, plain_state(dense))
         report: dict[str, Any] = {
             "params_before": params_before,
             "params_after": sum(p.numel() for p in pl_module.parameters()),

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from plugins.core.checkpoint_form import set_compaction_plan
+from plugins.core.checkpoint_form import plain_state, set_compaction_plan
 from plugins.core.decision import Group
 from plugins.core.errors import CompactionWarning, ConfigError
 from plugins.core.mask_mechanism import MaskMechanism
@@ -112,10 +112,11 @@ class SliceMasks(MaskMechanism):
         example = self.example
         if torch.is_tensor(example):
             example = example.to(next(pl_module.parameters()).device)
+        before = plain_state(pl_module)
         _, report = compact(pl_module, example, key=f"{self.key}.compact")
         # The checkpoints stay full width (masked, the same outputs): the compacted module loads
         # them sliced, so trainer.test(ckpt_path="best") works after compaction.
-        set_compaction_plan(pl_module, report.pop("kept_indices"))
+        set_compaction_plan(pl_module, report.pop("kept_indices"), before)
         pruned = any(not kept_slices(g, self.dim).all() for g in groups)
         if pruned and report["params_after"] == report["params_before"]:
             warnings.warn(
