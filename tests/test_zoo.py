@@ -90,6 +90,16 @@ def test_weights_left_out_by_module_type_are_named_in_a_warning():
         sparsifier.setup(None, Task(net), "fit")
 
 
+def test_a_lazy_layer_is_refused_by_name_until_a_forward_has_shaped_it():
+    net = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 3))
+    with pytest.raises(ValueError, match=r"sparsity.targets: net.0.weight \(LazyLinear\) is not initialized yet.*run the model once"):
+        _sparsifier(0.5).setup(None, Task(net), "fit")
+    net(torch.randn(2, 8))  # the first forward gives the weight its shape: now it is selected
+    sparsifier = _sparsifier(0.5)
+    sparsifier.setup(None, Task(net), "fit")
+    assert [t.name for t in sparsifier.targets] == ["net.0.weight", "net.2.weight"]
+
+
 def test_lstm_and_embedding_selected_by_type_keep_their_masks_through_training():
     torch.manual_seed(0)
     net = TextLSTM()

@@ -148,9 +148,21 @@ def select_parameters(
     chosen = [t for t in chosen if not any(fnmatch.fnmatchcase(t.name, p) for p in exclude)]
     if not chosen:
         raise ConfigError(f"{key}.exclude", list(exclude), "a list that leaves at least one parameter")
+    lazy = [f"{t.name} ({type(t.module).__name__})" for t in chosen if _is_lazy(t.raw)]
+    if lazy:
+        names = ", ".join(lazy[:4]) + (" and more" if len(lazy) > 4 else "")
+        raise ValueError(
+            f"{key}: {names} {'is' if len(lazy) == 1 else 'are'} not initialized yet: a lazy "
+            "module has no shape before its first forward, so nothing can be selected in it; run the model "
+            "once on an example batch before fit (or exclude it)"
+        )
     chosen = _tie(chosen, owned)
     _warn_left_out(owned, chosen, include, exclude, key)
     return chosen
+
+
+def _is_lazy(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, nn.parameter.UninitializedTensorMixin)
 
 
 def _all_tensors(model: nn.Module) -> list[Target]:
@@ -188,7 +200,7 @@ def _warn_left_out(
         t
         for t in owned
         if t.name not in taken
-        and t.raw.dim() >= 2
+        and (_is_lazy(t.raw) or t.raw.dim() >= 2)  # a lazy weight's shape is not known yet
         and any(fnmatch.fnmatchcase(t.name, p) for p in include)
         and not any(fnmatch.fnmatchcase(t.name, p) for p in exclude)
     ]
