@@ -42,7 +42,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from plugins.core.arguments import accepted_arguments, describe, type_ok, unknown_argument
-from plugins.core.errors import ConfigError, is_number
+from plugins.core.errors import ConfigError, ScheduleWarning, is_number
 
 __all__ = [
     "check_config",
@@ -51,6 +51,7 @@ __all__ = [
     "check_schedule_windows",
     "search_space_bounds",
     "check_optimized_metric",
+    "check_monitor",
     "read_checkpoint",
     "check_checkpoint_matches",
     "check_checkpoint_plugins",
@@ -65,6 +66,12 @@ __all__ = [
 SUMMARY_NUMBERS = ("params/total", "params/nonzero", "sparsity/global", "seed", "duration_s")
 CLASSIFIER_METRICS = tuple(f"{stage}/{name}" for stage in ("val", "test") for name in ("loss", "acc", "f1"))
 CLASSIFIER_TARGETS = ("models.Classifier", "models.classifier.Classifier")
+SEED_MAX = 2**32 - 1
+# What ModelCheckpoint can monitor on the Classifier: its logged metrics (train/loss also per step).
+CLASSIFIER_MONITORS = tuple(f"{stage}/{name}" for stage in ("train", "val") for name in ("loss", "acc", "f1")) + (
+    "train/loss_step",
+    "train/loss_epoch",
+)
 # The nodes train.py builds every run from: a ``~norm`` cannot remove one.
 REQUIRED = ("data", "model", "module", "norm", "trainer")
 # Trainer arguments Lightning accepts below these bounds only to fail (or do nothing) later.
@@ -148,6 +155,7 @@ def check_config(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
     _check_top_level(cfg)
     check_trainer(cfg)
     check_optimized_metric(cfg)  # builds the plugins: their own checks come first
+    check_monitor(cfg)
     check_schedule_windows(cfg)
 
 
@@ -156,8 +164,8 @@ def _check_top_level(cfg: DictConfig) -> None:
         if not isinstance(cfg.get(name, None), DictConfig):
             raise ConfigError(name, _plain(cfg.get(name, None)), f"a {name} config (train.py builds the run from it)")
     seed = cfg.get("seed", None)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ConfigError("seed", seed, "an integer >= 0")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError("seed", seed, f"an integer in [0, {SEED_MAX}] (what numpy's generator takes)")
     for group in ("sparsity", "pruning", "constraints"):
         node = cfg.get(group)
         if node and "_target_" not in node:
@@ -315,6 +323,11 @@ def check_trainer(cfg: DictConfig) -> None:
         raise ConfigError(
             "trainer.limit_test_batches", tests, "a count or fraction > 0 (every run ends with a test: test/acc)"
         )
+    trains = kwargs.get("limit_train_batches")
+    if is_number(trains) and trains <= 0:
+        raise ConfigError(
+            "trainer.limit_train_batches", trains, "a count or fraction > 0 (a run trains at least one batch)"
+        )
     target = locate(node)
     if target is None:
         return
@@ -438,6 +451,15 @@ def check_schedule_windows(cfg: DictConfig) -> None:
                 f"an epoch before {epochs} (the run trains epochs 0 to "
                 f"{max_epochs - 1}; this schedule would never start)",
             )
+        end = schedule.get("end_epoch")
+        if is_number(end) and end >= max_epochs and f"{key}.end_epoch" not in space:
+            warnings.warn(
+                ScheduleWarning(
+                    f"{key}.end_epoch={end} is not before {epochs}: the run trains epochs 0 to {max_epochs - 1}, "
+                    f"so the schedule stops short of its end value ({key}.end={schedule.get('end')})"
+                ),
+                stacklevel=2,
+            )
 
 
 def check_optimized_metric(cfg: DictConfig) -> None:
@@ -468,6 +490,31 @@ def check_optimized_metric(cfg: DictConfig) -> None:
         f"a number this run writes to summary.json (closest: {closest[0] if closest else '-'}): "
         + ", ".join(sorted(known)),
     )
+
+
+def check_monitor(cfg: DictConfig) -> None:
+    """``checkpoint.monitor`` names a metric the Classifier logs during fit (a typo would fail only
+    after the first epoch, with checkpoints written); another module's metrics are its own."""
+    node, module = cfg.get("checkpoint"), cfg.get("module")
+    if not isinstance(node, DictConfig) or not isinstance(module, DictConfig):
+        return
+    monitor = node.get("monitor", None)
+    if module.get("_target_") not in CLASSIFIER_TARGETS or monitor is None:
+        return
+    no_validation = _no_validation(cfg)
+    if isinstance(monitor, str) and monitor.startswith("val/") and no_validation:
+        raise ConfigError(
+            "checkpoint.monitor", monitor, f"a metric logged during fit: with {no_validation} it never validates"
+        )
+    if isinstance(monitor, str) and not monitor.startswith(("train/", "val/", "test/")):
+        return  # a plugin's or a callback's own metric
+    if monitor not in CLASSIFIER_MONITORS:
+        closest = difflib.get_close_matches(str(monitor), CLASSIFIER_MONITORS, n=1, cutoff=0.0)
+        raise ConfigError(
+            "checkpoint.monitor",
+            monitor,
+            f"a metric logged during fit (closest: {closest[0] if closest else '-'}): {', '.join(CLASSIFIER_MONITORS)}",
+        )
 
 
 def _no_validation(cfg: DictConfig) -> str | None:

@@ -144,6 +144,7 @@ HYDRA_AND_LIGHTNING = [
     mistake("trainer.max_epochs=0", says="trainer.max_epochs=0"),
     mistake("trainer.log_every_n_steps=0", says="trainer.log_every_n_steps=0"),
     mistake("trainer.limit_test_batches=0", says="trainer.limit_test_batches=0"),
+    mistake("trainer.limit_train_batches=0", says="trainer.limit_train_batches=0 is not allowed: a count or fraction > 0"),
     mistake("-m", "module.lr=0.001,nan", says="module.lr=nan"),
     mistake("-m", "norm=batch,banana", key="norm", says="norm='banana'"),
 ]
@@ -154,6 +155,8 @@ VALUES = [
     mistake("data.batch_size=abc", says="data.batch_size='abc'"),
     mistake("module.lr=fast", says="module.lr='fast'"),
     mistake("seed=-3", says="seed=-3"),
+    mistake("seed=4294967296", says="seed=4294967296 is not allowed: an integer in [0, 4294967295]"),
+    mistake("-m", "seed=0,4294967296", key="seed", says="seed=4294967296"),  # refused before job 0 trains
     mistake("data.batch_size=0", says="data.batch_size=0"),
     mistake("data.denoise_lambda=-0.1", says="data.denoise_lambda=-0.1"),
     mistake("data.random_gain=0.5", says="data.random_gain=0.5"),
@@ -236,6 +239,9 @@ OPTIMIZED_METRIC = [
     mistake("sparsity=gmp", "optimized_metric=sparsity/sparsty", says="sparsity/selected"),
     mistake("hparams_search=optuna_sparsity", "optimized_metric=val/acuracy", says="closest: val/acc"),
     mistake("trainer.limit_val_batches=0", says="optimized_metric='val/acc' is not allowed"),
+    # ModelCheckpoint would find out after the first epoch, with checkpoints written.
+    mistake("checkpoint.monitor=val/accc", says="checkpoint.monitor='val/accc' is not allowed: a metric logged during fit (closest: val/acc)"),
+    mistake("checkpoint.monitor=test/acc", says="checkpoint.monitor='test/acc'"),
 ]
 
 COMMAND_LINE = NAN_AND_INF + BOOLEANS + UNKNOWN_KEYS + HYDRA_AND_LIGHTNING + VALUES + PLUGINS + SCHEDULES + DIMS + OPTIMIZED_METRIC

@@ -1,9 +1,12 @@
 import math
+import warnings
 
 import pytest
 
-from plugins.core.errors import ConfigError
+from plugins.core.errors import ConfigError, ScheduleWarning
 from plugins.core.schedules import Schedule, build_schedule, shape
+from runner.validation import check_schedule_windows
+from tests.conftest import compose_config
 
 
 @pytest.mark.parametrize(
@@ -77,3 +80,13 @@ def test_build_schedule_names_the_callers_key():
         build_schedule({"begin_epoch": 3, "end_epoch": 1}, key="sparsity.schedule")
     with pytest.raises(ConfigError, match=r"pruning\.schedule\.speed"):
         build_schedule({"speed": 3}, key="pruning.schedule")
+
+
+def test_a_schedule_that_ends_after_the_run_is_named_in_a_warning():
+    late = compose_config(["sparsity=gmp", "trainer.max_epochs=3", "sparsity.schedule.end_epoch=50"])
+    with pytest.warns(ScheduleWarning, match=r"sparsity.schedule.end_epoch=50 is not before trainer.max_epochs=3.*sparsity.schedule.end=0.8"):
+        check_schedule_windows(late)
+    within = compose_config(["sparsity=gmp", "trainer.max_epochs=3", "sparsity.schedule.end_epoch=2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ScheduleWarning)
+        check_schedule_windows(within)

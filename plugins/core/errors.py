@@ -31,6 +31,10 @@ class SelectionWarning(UserWarning):
     """A tensor the user's globs match is left out of a plugin's selection (by module type)."""
 
 
+class ScheduleWarning(UserWarning):
+    """A schedule's window ends after the run does: its end value is never reached."""
+
+
 class CompactionWarning(UserWarning):
     """Compaction will remove nothing, or not exactly (a norm that mixes channels)."""
 
