@@ -130,6 +130,31 @@ def test_a_compacted_model_refuses_a_checkpoint_saved_before_its_pruning(tmp_pat
     assert live == pytest.approx(plain_test(str(after)), abs=1e-6)
 
 
+def _zeros(module: Classifier) -> float:
+    weights = [m.weight for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+@pytest.mark.parametrize("mask_form", ["auto", "parametrize"])
+def test_a_second_fit_after_testing_an_early_checkpoint_masks_at_the_schedules_value_again(tmp_path, mask_form):
+    # The first fit bakes its masks; trainer.test(ckpt_path=...) then loads epoch 0's weights (30%
+    # zeros). A second fit must mask again at the schedule's end value and hold it, not train on
+    # unmasked weights (nor blame the optimizer for masks that were baked away).
+    L.seed_everything(0)
+    module, data = build()
+    sparsifier = HardshrinkSparsifier(mode="sparsity", schedule=SCHEDULE, mask_form=mask_form)
+    t, _ = trainer(tmp_path, [sparsifier], epochs=2)
+    t.fit(module, datamodule=data)
+    reached = _zeros(module)
+    assert reached == pytest.approx(0.6, abs=1e-3)
+    t.test(module, datamodule=data, ckpt_path=tmp_path / "every" / "epoch=0.ckpt", verbose=False)
+    assert _zeros(module) == pytest.approx(0.3, abs=1e-3)
+    t.fit_loop.max_epochs = 3
+    t.fit(module, datamodule=data)
+    assert _zeros(module) == reached  # the same count of zeros as the first fit left
+    assert [h["epoch"] for h in sparsifier.history][-1] == 2 and sparsifier.history[-1]["value"] == 0.6
+
+
 def test_failed_load_leaves_the_live_model_unchanged(tmp_path):
     module, data = build()
     plugins = [

@@ -30,6 +30,7 @@ from plugins.core.mask_mechanism import MaskMechanism
 from plugins.core.masks import get_mask, sparsity
 from plugins.core.peak import check_peak
 from plugins.core.plugin import PluginCallback
+from plugins.core.refit import forget_baked, mask_again, select_again
 from plugins.core.schedules import Schedule, build_schedule
 from plugins.core.selection import DEFAULT_MODULE_TYPES, Target, select_parameters
 
@@ -131,7 +132,7 @@ class MaskingCallback(PluginCallback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if self.targets:
+        if self.targets and not (stage == "fit" and select_again(self)):
             return
         if self.seed is None:
             self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -179,6 +180,7 @@ class MaskingCallback(PluginCallback):
         # A schedule in fractions of the run (dynamic sparsity's stop_fraction) learns its length.
         if hasattr(self.schedule, "bind"):
             self.schedule = self.schedule.bind(trainer.estimated_stepping_batches)
+        mask_again(self, trainer)
 
     @override
     def on_before_optimizer_step(
@@ -217,6 +219,7 @@ class MaskingCallback(PluginCallback):
             self.history.append({**self.history[-1], "step": trainer.global_step, **self.reached()})
         self.held.check(self.key, trainer.optimizers)
         self.report = self.masks.finish(trainer, pl_module, self.groups, self.bake_at_end)
+        forget_baked(self)
 
     @override
     def state_dict(self) -> dict[str, Any]:
