@@ -63,6 +63,7 @@ def train(cfg: DictConfig) -> float:
     use_job_scoped_ddp_children()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data, seed=cfg.seed)
+    validation.check_batches(cfg, datamodule)
     module = build_model(cfg, datamodule)
     checkpoint = validation.read_checkpoint(cfg.get("ckpt_path"), ckpt_path)  # None: a fresh start
     validation.check_checkpoint_matches(cfg.get("ckpt_path"), checkpoint, module)

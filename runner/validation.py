@@ -52,6 +52,7 @@ __all__ = [
     "search_space_bounds",
     "check_optimized_metric",
     "check_monitor",
+    "check_batches",
     "read_checkpoint",
     "check_checkpoint_matches",
     "check_checkpoint_plugins",
@@ -166,6 +167,14 @@ def _check_top_level(cfg: DictConfig) -> None:
     seed = cfg.get("seed", None)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
         raise ConfigError("seed", seed, f"an integer in [0, {SEED_MAX}] (what numpy's generator takes)")
+    task = cfg.get("task_name", None)
+    if not isinstance(task, str) or not task.strip():
+        raise ConfigError(
+            "task_name", _plain(task), "a non-empty name (it names the output folder and the dashboards' project)"
+        )
+    tags = cfg.get("tags", None)
+    if tags is not None and not (isinstance(tags, ListConfig) and all(isinstance(t, str) for t in tags)):
+        raise ConfigError("tags", _plain(tags), "a list of words, tags=[a,b] (every logger gets them)")
     for group in ("sparsity", "pruning", "constraints"):
         node = cfg.get(group)
         if node and "_target_" not in node:
@@ -490,6 +499,33 @@ def check_optimized_metric(cfg: DictConfig) -> None:
         f"a number this run writes to summary.json (closest: {closest[0] if closest else '-'}): "
         + ", ".join(sorted(known)),
     )
+
+
+def check_batches(cfg: DictConfig, datamodule: Any) -> None:
+    """A fraction in ``trainer.limit_{train,val,test}_batches`` must leave at least one batch of its
+    split (Lightning would find out at that loop: the test one after training, checkpoints written).
+    Loads the data module's splits (its ``setup`` is idempotent); a data module without ``splits``
+    and ``batch_size`` is left to Lightning."""
+    trainer = cfg.get("trainer")
+    if not isinstance(trainer, DictConfig):
+        return
+    limits = {split: trainer.get(f"limit_{split}_batches", None) for split in ("train", "val", "test")}
+    if not any(isinstance(v, float) and 0 < v < 1 for v in limits.values()):
+        return
+    datamodule.setup("fit")
+    splits, batch_size = getattr(datamodule, "splits", None), getattr(datamodule, "batch_size", None)
+    if not isinstance(splits, Mapping) or not isinstance(batch_size, int) or batch_size < 1:
+        return
+    for split, limit in limits.items():
+        if split in splits and isinstance(limit, float) and 0 < limit < 1:
+            batches = -(-len(splits[split]) // batch_size)
+            if int(batches * limit) == 0:
+                raise ConfigError(
+                    f"trainer.limit_{split}_batches",
+                    limit,
+                    f"a fraction that leaves at least one of the {batches} {split} batches (>= {1 / batches:.3g}), "
+                    "or a count",
+                )
 
 
 def check_monitor(cfg: DictConfig) -> None:

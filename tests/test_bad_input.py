@@ -145,6 +145,11 @@ HYDRA_AND_LIGHTNING = [
     mistake("trainer.log_every_n_steps=0", says="trainer.log_every_n_steps=0"),
     mistake("trainer.limit_test_batches=0", says="trainer.limit_test_batches=0"),
     mistake("trainer.limit_train_batches=0", says="trainer.limit_train_batches=0 is not allowed: a count or fraction > 0"),
+    # Fractions that round to no batch: Lightning would find out at that loop (the test one after training).
+    mistake("trainer.limit_test_batches=0.001", says="a fraction that leaves at least one of the 5 test batches"),
+    mistake("trainer.limit_train_batches=0.0001", says="trainer.limit_train_batches=0.0001"),
+    mistake("task_name=", says="task_name='' is not allowed: a non-empty name"),
+    mistake("tags=5", says="tags=5 is not allowed: a list of words"),
     mistake("-m", "module.lr=0.001,nan", says="module.lr=nan"),
     mistake("-m", "norm=batch,banana", key="norm", says="norm='banana'"),
 ]
