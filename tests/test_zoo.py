@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from plugins.core.errors import SelectionWarning
+from plugins.core.errors import ConfigError, SelectionWarning
 from plugins.sparsity.hardshrink import HardshrinkSparsifier
 from tests.helpers import quiet_trainer
 from tests.zoo_models import CLASSES, LENGTH, QKVO, VOCAB, ZOO, Task, TextLSTM, ZooModel, fit_zoo
@@ -98,6 +98,23 @@ def test_a_lazy_layer_is_refused_by_name_until_a_forward_has_shaped_it():
     sparsifier = _sparsifier(0.5)
     sparsifier.setup(None, Task(net), "fit")
     assert [t.name for t in sparsifier.targets] == ["net.0.weight", "net.2.weight"]
+
+
+class _OnlyBilinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Bilinear(4, 4, 2)
+
+    def forward(self, x):
+        return self.b(x, x)
+
+
+def test_a_model_with_none_of_the_selected_types_names_the_tensors_of_other_types():
+    with pytest.raises(ConfigError, match=r"candidates: none; of other module types: net.b.weight \(Bilinear\)"):
+        _sparsifier(0.5).setup(None, Task(_OnlyBilinear()), "fit")
+    sparsifier = _sparsifier(0.5, module_types=["Bilinear"])  # the way out the message gives
+    sparsifier.setup(None, Task(_OnlyBilinear()), "fit")
+    assert [t.name for t in sparsifier.targets] == ["net.b.weight"]
 
 
 def test_lstm_and_embedding_selected_by_type_keep_their_masks_through_training():

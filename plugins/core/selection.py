@@ -138,11 +138,16 @@ def select_parameters(
         hits = [t for t in candidates if fnmatch.fnmatchcase(t.name, pattern)]
         if not hits:
             shown = ", ".join(t.name for t in candidates[:8]) or "none"
+            # Nothing of the selected types: say what the glob would match in other modules.
+            others = [t for t in owned if t not in candidates and fnmatch.fnmatchcase(t.name, pattern)]
+            other_types = "; of other module types: " + ", ".join(
+                f"{t.name} ({type(t.module).__name__})" for t in others[:4]
+            ) + " (add the type to module_types)" if others and not candidates else ""
             raise ConfigError(
                 f"{key}.include",
                 pattern,
                 f"a glob matching at least one parameter of the selected module types; "
-                f"candidates: {shown}{', ...' if len(candidates) > 8 else ''}",
+                f"candidates: {shown}{', ...' if len(candidates) > 8 else ''}{other_types}",
             )
         chosen += [t for t in hits if t not in chosen]
     chosen = [t for t in chosen if not any(fnmatch.fnmatchcase(t.name, p) for p in exclude)]
