@@ -121,6 +121,8 @@ def check_command_line(argv: Sequence[str], conf_dir: Path, config_name: str = "
             groups = [o for o in variant if o is not None and repository.group_exists(o.key_or_group)]
             defaults = _compose(args.config_name or config_name, groups, overrides, strict=False)
             check_config(composed, defaults)
+            if multirun and sweeps:
+                _check_builds(composed)
         if multirun:
             check_run_folder(str(cfg.hydra.sweep.dir), "hydra.sweep.dir")
         else:
@@ -203,6 +205,24 @@ def _with_value(override: Any, value: str) -> Any:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     return OverridesParser.create().parse_override(f"{override.get_key_element()}={value}")
+
+
+def _check_builds(cfg: DictConfig) -> None:
+    """In a sweep: the data module, the model and the LightningModule of one swept variant, built
+    as its job will build them, so that a value their constructors refuse (``module.lr=-0.1``)
+    stops the sweep before its first job trains. Only their ConfigErrors count here: anything else
+    is left to the job, which says it the same way. Costs one small model build per swept value."""
+    import hydra
+
+    from runner.build import build_model
+
+    try:
+        datamodule = hydra.utils.instantiate(cfg.data, seed=cfg.seed)
+        build_model(cfg, datamodule)
+    except Exception as err:  # noqa: BLE001 - only a user's mistake stops the sweep here
+        user_error = user_error_in(err)
+        if user_error is not None:
+            raise user_error from None
 
 
 def _variants(overrides: Sequence[Any], base: list[Any]) -> Iterator[list[Any]]:

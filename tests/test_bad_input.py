@@ -162,6 +162,9 @@ VALUES = [
     mistake("seed=-3", says="seed=-3"),
     mistake("seed=4294967296", says="seed=4294967296 is not allowed: an integer in [0, 4294967295]"),
     mistake("-m", "seed=0,4294967296", key="seed", says="seed=4294967296"),  # refused before job 0 trains
+    # A value only the module's constructor refuses: the sweep stops before its first job trains.
+    mistake("-m", "module.lr=0.01,-0.1", key="module.lr", says="module.lr=-0.1 is not allowed: a finite number > 0"),
+    mistake("-m", "model.dropout=0.1,1.5", key="model.dropout", says="model.dropout=1.5"),
     mistake("data.batch_size=0", says="data.batch_size=0"),
     mistake("data.denoise_lambda=-0.1", says="data.denoise_lambda=-0.1"),
     mistake("data.random_gain=0.5", says="data.random_gain=0.5"),
