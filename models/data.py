@@ -133,10 +133,14 @@ class _ArrayDataModule(L.LightningDataModule):
         if loop is None or not loop.restarting:
             return 0
         done = loop.epoch_loop.batch_progress.current.completed
-        n = -(-len(self.splits["train"]) // self.batch_size)
-        limit = trainer.limit_train_batches
-        n = min(n, limit) if isinstance(limit, int) else int(n * (limit if limit is not None else 1.0))
+        n = self.batches("train", trainer.limit_train_batches)
         return done % n if n else 0
+
+    def batches(self, split: str, limit: int | float | None = None) -> int:
+        """Batches of ``split`` in one epoch under Lightning's ``limit_*_batches`` rule (a count
+        caps them, a fraction keeps ``int(n * fraction)``); after ``setup``."""
+        n = -(-len(self.splits[split]) // self.batch_size)
+        return min(n, limit) if isinstance(limit, int) else int(n * (limit if limit is not None else 1.0))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

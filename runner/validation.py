@@ -65,11 +65,12 @@ __all__ = [
 
 # What every run writes to summary.json as numbers (train.py), and what the Classifier logs.
 SUMMARY_NUMBERS = ("params/total", "params/nonzero", "sparsity/global", "seed", "duration_s")
-CLASSIFIER_METRICS = tuple(f"{stage}/{name}" for stage in ("val", "test") for name in ("loss", "acc", "f1"))
+_CLASSIFIER_LOGS = ("loss", "acc", "f1")
+CLASSIFIER_METRICS = tuple(f"{stage}/{name}" for stage in ("val", "test") for name in _CLASSIFIER_LOGS)
 CLASSIFIER_TARGETS = ("models.Classifier", "models.classifier.Classifier")
 SEED_MAX = 2**32 - 1
 # What ModelCheckpoint can monitor on the Classifier: its logged metrics (train/loss also per step).
-CLASSIFIER_MONITORS = tuple(f"{stage}/{name}" for stage in ("train", "val") for name in ("loss", "acc", "f1")) + (
+CLASSIFIER_MONITORS = tuple(f"{stage}/{name}" for stage in ("train", "val") for name in _CLASSIFIER_LOGS) + (
     "train/loss_step",
     "train/loss_epoch",
 )
@@ -504,28 +505,24 @@ def check_optimized_metric(cfg: DictConfig) -> None:
 def check_batches(cfg: DictConfig, datamodule: Any) -> None:
     """A fraction in ``trainer.limit_{train,val,test}_batches`` must leave at least one batch of its
     split (Lightning would find out at that loop: the test one after training, checkpoints written).
-    Loads the data module's splits (its ``setup`` is idempotent); a data module without ``splits``
-    and ``batch_size`` is left to Lightning."""
+    Loads the data module's splits (its ``setup`` is idempotent) and counts with its ``batches``
+    (Lightning's rule); a data module without ``batches`` is left to Lightning."""
     trainer = cfg.get("trainer")
-    if not isinstance(trainer, DictConfig):
+    batches = getattr(datamodule, "batches", None)
+    if not isinstance(trainer, DictConfig) or not callable(batches):
         return
     limits = {split: trainer.get(f"limit_{split}_batches", None) for split in ("train", "val", "test")}
     if not any(isinstance(v, float) and 0 < v < 1 for v in limits.values()):
         return
     datamodule.setup("fit")
-    splits, batch_size = getattr(datamodule, "splits", None), getattr(datamodule, "batch_size", None)
-    if not isinstance(splits, Mapping) or not isinstance(batch_size, int) or batch_size < 1:
-        return
     for split, limit in limits.items():
-        if split in splits and isinstance(limit, float) and 0 < limit < 1:
-            batches = -(-len(splits[split]) // batch_size)
-            if int(batches * limit) == 0:
-                raise ConfigError(
-                    f"trainer.limit_{split}_batches",
-                    limit,
-                    f"a fraction that leaves at least one of the {batches} {split} batches (>= {1 / batches:.3g}), "
-                    "or a count",
-                )
+        if isinstance(limit, float) and 0 < limit < 1 and batches(split, limit) == 0:
+            total = batches(split)
+            raise ConfigError(
+                f"trainer.limit_{split}_batches",
+                limit,
+                f"a fraction that leaves at least one of the {total} {split} batches (>= {1 / total:.3g}), or a count",
+            )
 
 
 def check_monitor(cfg: DictConfig) -> None:

@@ -31,7 +31,7 @@ from plugins.core.masks import get_mask, sparsity
 from plugins.core.peak import check_peak
 from plugins.core.plugin import PluginCallback
 from plugins.core.refit import forget_baked, mask_again, select_again
-from plugins.core.schedules import Schedule, build_schedule
+from plugins.core.schedules import Schedule, build_schedule, steps_per_epoch
 from plugins.core.selection import DEFAULT_MODULE_TYPES, Target, select_parameters
 
 __all__ = ["MaskingCallback"]
@@ -163,11 +163,11 @@ class MaskingCallback(PluginCallback):
         step = trainer.global_step
         if step == self.last_step:
             return  # gradient accumulation: several batches share one optimizer step
-        steps_per_epoch = max(int(trainer.num_training_batches // trainer.accumulate_grad_batches), 1)
+        steps = steps_per_epoch(trainer)
         epoch = trainer.current_epoch
-        if not self.schedule.due(epoch, step, steps_per_epoch, epoch_start=batch_idx == 0):
+        if not self.schedule.due(epoch, step, steps, epoch_start=batch_idx == 0):
             return
-        value = self.schedule.value_at(epoch, step, steps_per_epoch)
+        value = self.schedule.value_at(epoch, step, steps)
         self.last_step = step
         if self.grow is not None and self.history:
             self._pending = (step, epoch, value)

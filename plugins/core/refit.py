@@ -19,6 +19,8 @@ from typing import Any
 
 import lightning as L
 
+from plugins.core.schedules import steps_per_epoch
+
 __all__ = ["forget_baked", "mask_again", "select_again"]
 
 
@@ -42,7 +44,7 @@ def mask_again(callback: Any, trainer: L.Trainer) -> None:
     if not getattr(callback, "_mask_again", False) or not callback.targets:
         return
     callback._mask_again = False
-    steps_per_epoch = max(int(trainer.num_training_batches // trainer.accumulate_grad_batches), 1)
-    value = callback.schedule.value_at(trainer.current_epoch, trainer.global_step, steps_per_epoch)
+    steps = steps_per_epoch(trainer)
+    value = callback.schedule.value_at(trainer.current_epoch, trainer.global_step, steps)
     callback._update(trainer.global_step, trainer.current_epoch, value, trainer.optimizers)
     callback.last_step = trainer.global_step

@@ -17,7 +17,7 @@ from typing import Any
 from plugins.core.errors import ConfigError
 from plugins.core.registry import Registry
 
-__all__ = ["SCHEDULE_KINDS", "ScheduleKind", "Schedule", "shape", "build_schedule"]
+__all__ = ["SCHEDULE_KINDS", "ScheduleKind", "Schedule", "shape", "build_schedule", "steps_per_epoch"]
 
 
 class ScheduleKind(ABC):
@@ -188,3 +188,9 @@ def build_schedule(cfg: Any, key: str = "schedule") -> Schedule:
         return Schedule(**items)
     except ConfigError as err:
         raise ConfigError(err.key.replace("schedule", key, 1), err.value, err.allowed) from None
+
+
+def steps_per_epoch(trainer: Any) -> int:
+    """Optimizer steps in one epoch of ``trainer`` (batches over gradient accumulation, at least 1):
+    what a schedule counts in."""
+    return max(int(trainer.num_training_batches // trainer.accumulate_grad_batches), 1)

@@ -140,9 +140,10 @@ def select_parameters(
             shown = ", ".join(t.name for t in candidates[:8]) or "none"
             # Nothing of the selected types: say what the glob would match in other modules.
             others = [t for t in owned if t not in candidates and fnmatch.fnmatchcase(t.name, pattern)]
-            other_types = "; of other module types: " + ", ".join(
-                f"{t.name} ({type(t.module).__name__})" for t in others[:4]
-            ) + " (add the type to module_types)" if others and not candidates else ""
+            other_types = ""
+            if others and not candidates:
+                named = ", ".join(f"{t.name} ({type(t.module).__name__})" for t in others[:4])
+                other_types = f"; of other module types: {named} (add the type to module_types)"
             raise ConfigError(
                 f"{key}.include",
                 pattern,

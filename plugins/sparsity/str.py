@@ -30,7 +30,7 @@ from plugins.constraints.callback import Applied, WeightConstraints
 from plugins.core.errors import ConfigError, is_number
 from plugins.core.masks import sparsity
 from plugins.core.plugin import PluginCallback
-from plugins.core.schedules import Schedule, build_schedule
+from plugins.core.schedules import Schedule, build_schedule, steps_per_epoch
 from plugins.core.selection import DEFAULT_MODULE_TYPES, target_settings
 
 __all__ = ["STRSparsifier", "SCHEDULE_KEYS"]
@@ -191,8 +191,8 @@ class STRSparsifier(PluginCallback):
         self.last_step = step
         if trainer.current_epoch < self.schedule.begin_epoch:
             return  # before the window the thresholds learn from the task alone, as in the paper
-        steps_per_epoch = max(int(trainer.num_training_batches // trainer.accumulate_grad_batches), 1)
-        self.goal = self.schedule.value_at(trainer.current_epoch, step, steps_per_epoch)
+        steps = steps_per_epoch(trainer)
+        self.goal = self.schedule.value_at(trainer.current_epoch, step, steps)
         self.control()
 
     @torch.no_grad()
