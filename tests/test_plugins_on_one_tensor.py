@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from models.backbones import ResNet1d
 from plugins.constraints import WeightConstraints
 from plugins.core.errors import ConfigError
+from plugins.core.selection import select_parameters
 from plugins.norm import NormFactory
 from plugins.pruning.compaction import coupled_groups
 from plugins.pruning.structured import StructuredPruning
@@ -229,6 +230,14 @@ def test_a_constraint_stored_as_several_tensors_refuses_a_mask_before_training(g
     with pytest.raises(ConfigError, match=r"constraints\.rules\[0\]\.name='weight_norm'"):
         _fit("cnn", [{"name": "weight_norm"}], "l1", compact=False, extra=[batches], gmp=gmp)
     assert batches.seen == 0
+
+
+def test_layers_stored_as_several_tensors_are_selected_once_each():
+    """Four same-shape weight_norm layers are four tensors, none an alias of another: their weight is
+    computed anew on each read, and a freed temporary's id was taken for a tie (or a KeyError)."""
+    net = torch.nn.Sequential(*(torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(16, 16)) for _ in range(4)))
+    targets = select_parameters(net, ["*weight"])
+    assert [(t.name, t.aliases) for t in targets] == [(f"{i}.weight", ()) for i in range(4)]
 
 
 def test_compaction_next_to_constraints_kept_as_parametrizations_is_refused_before_training():

@@ -186,15 +186,23 @@ def _tie(chosen: list[Target], owned: list[Target]) -> list[Target]:
     """One target per stored tensor, with the other owners of that tensor as its aliases."""
     owners: dict[int, list[Target]] = {}
     for t in owned:
-        owners.setdefault(id(t.raw), []).append(t)
+        owners.setdefault(_storage_id(t), []).append(t)
     out, seen = [], set()
     for t in chosen:
-        if id(t.raw) in seen:
+        if _storage_id(t) in seen:
             continue
-        seen.add(id(t.raw))
-        others = tuple((o.name, o.module, o.tensor_name) for o in owners[id(t.raw)] if o.name != t.name)
+        seen.add(_storage_id(t))
+        others = tuple((o.name, o.module, o.tensor_name) for o in owners[_storage_id(t)] if o.name != t.name)
         out.append(replace(t, aliases=others))
     return out
+
+
+def _storage_id(target: Target) -> int:
+    """What two owners of one tensor share: the stored tensor's id, or for a tensor stored as
+    several (weight_norm) its parametrization list's; ``raw`` is then computed anew on every read,
+    and a freed temporary's id is soon another's."""
+    tensors = stored(target.module, target.tensor_name)
+    return id(tensors[0]) if tensors else id(target.module.parametrizations[target.tensor_name])
 
 
 def _warn_left_out(
