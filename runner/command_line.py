@@ -49,15 +49,49 @@ def as_typed(key: str) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", key)
 
 
-def error_line(err: ConfigError) -> str:
-    """``error: <key as typed>=<value> is not allowed: <what is allowed>``, always one line."""
-    return one_line(f"error: {as_typed(err.key)}={err.value!r} is not allowed: {err.allowed}")
+def error_line(err: ConfigError, argv: Sequence[str] = ()) -> str:
+    """``error: <key as typed>=<value> is not allowed: <what is allowed>``, always one line.
+
+    The value is the one the override in ``argv`` gave that key, as typed, wherever parsing it
+    changed how it reads (``seed=1e309`` is read as ``inf``, ``model.widths=abc`` as a list of
+    letters by the code that checks it); otherwise its ``repr``."""
+    key = as_typed(err.key)
+    typed, parsed = _typed_values(argv).get(key, (None, None))
+    shown = repr(err.value)
+    if typed is not None and typed != str(err.value) and not _one_of(err.value, parsed):
+        shown = typed
+    return one_line(f"error: {key}={shown} is not allowed: {err.allowed}")
 
 
-def exit_with(err: ConfigError) -> NoReturn:
-    """A user's mistake: one line on stderr, exit status 2, no traceback."""
-    print(error_line(err), file=sys.stderr, flush=True)
+def _one_of(value: Any, typed: Any) -> bool:
+    """``value`` is one item of the typed list (the glob of ``include=[a,b]`` that matched nothing):
+    that item says more than the whole list."""
+    try:
+        return isinstance(typed, list) and value is not typed and any(value == item for item in typed)
+    except Exception:  # noqa: BLE001 - a value without a plain == (a tensor): not an item
+        return False
+
+
+def exit_with(err: ConfigError, argv: Sequence[str] | None = None) -> NoReturn:
+    """A user's mistake: one line on stderr, exit status 2, no traceback (``argv``: the command
+    line's arguments, ``sys.argv[1:]`` unless given)."""
+    print(error_line(err, sys.argv[1:] if argv is None else argv), file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _typed_values(argv: Sequence[str]) -> dict[str, tuple[str, Any]]:
+    """``{key: (value as typed, as Hydra reads it)}`` for the overrides in ``argv`` that set one
+    value (no sweeps)."""
+    try:
+        args = _parse_flags(argv)
+        overrides = _parse_overrides(args.overrides) if args is not None else []
+    except ConfigError:  # not a command line of train.py (a test runner's): nothing typed
+        return {}
+    return {
+        _typed_key(o): (o.input_line.partition("=")[2], o.value())
+        for o in overrides
+        if not o.is_sweep_override() and not o.is_delete()
+    }
 
 
 def info_to_stdout() -> None:
@@ -263,10 +297,15 @@ def _composition_error(err: Exception, config_name: str, typed: Sequence[Any]) -
     full_key = getattr(cause, "full_key", None)
     match = re.search(r"Could not (?:override|append to config|delete from config) '([^']+)'", str(err))
     key = as_typed(str(full_key or (match.group(1) if match else "") or ""))
-    override = next((o for o in typed if o.key_or_group == key), None)
+    # ``sparsity.schedule.end=0.5`` where sparsity has no keys: OmegaConf names the first missing
+    # part (``sparsity.schedule``); the user typed, and reads best, the whole key.
+    override = next((o for o in typed if o.key_or_group == key), None) or next(
+        (o for o in typed if key and o.key_or_group.startswith(f"{key}.")), None
+    )
     value = override.value() if override is not None and not override.is_sweep_override() else None
     if match and ("not in struct" in str(cause) or " not in '" in str(cause)):
-        return ConfigError(key, value, _unknown_key_allowed(key, config_name, typed))
+        shown = override.key_or_group if override is not None else key
+        return ConfigError(shown, value, _unknown_key_allowed(key, config_name, typed))
     reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
     return ConfigError(key or "overrides", value, one_line(reason))
 

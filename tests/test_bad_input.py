@@ -76,6 +76,7 @@ NAN_AND_INF = [
     mistake("constraints=orthogonal", "constraints.rules.0.args.tol=nan", says="tol=nan"),
     mistake("trainer.limit_train_batches=nan", says="trainer.limit_train_batches=nan"),
     mistake("+trainer.gradient_clip_val=inf", says="trainer.gradient_clip_val=inf"),
+    mistake("seed=1e309", says="seed=1e309 is not allowed: a finite number"),  # as typed, though read as inf
 ]
 
 # --- a boolean is true or false ---------------------------------------------------------------------
@@ -89,7 +90,7 @@ BOOLEANS = [
     mistake("trainer.deterministic=maybe", says="trainer.deterministic='maybe'"),
     mistake(*UCR, "data.znorm=maybe", says="data.znorm='maybe'"),
     mistake(*UCR, "data.length=4", says="data.length=4"),
-    mistake(*UCR, "data.length=1e3", says="data.length=1000.0"),
+    mistake(*UCR, "data.length=1e3", says="data.length=1e3"),
     mistake("constraints=orthogonal", "constraints.bake_at_end=maybe", says="constraints.bake_at_end='maybe'"),
     mistake("constraints=learned_mask", "constraints.rules.0.allow_masked=maybe", says="allow_masked='maybe'"),
     mistake("logger=tensorboard", "logger.tensorboard.default_hp_metric=maybe", says="default_hp_metric='maybe'"),
@@ -106,6 +107,9 @@ UNKNOWN_KEYS = [
     mistake("sparsity=gmp", "sparsity.typo=1", says="closest: sparsity."),
     mistake("sparsity=gmp", "+sparsity.typo=1", says="closest: sparsity."),
     mistake("+sparsity.typo=1", says="choose sparsity="),
+    # a key under a plugin left off: the whole key as typed, not the first part that is missing
+    mistake("sparsity.schedule.end=0.5", says="sparsity.schedule.end=0.5 is not allowed: a key of sparsity, which has no keys"),
+    mistake("constraints.rules.0.name=max_norm", says="constraints.rules.0.name='max_norm' is not allowed: a key of constraints"),
     mistake("sparsity=gmp", "+sparsity.schedule.begin=1", says="closest: sparsity.schedule.begin_epoch"),
     mistake("sparsity=gmp", "+sparsity.targets.includes=[x]", says="include"),
     mistake("pruning=l1", "+pruning.amountt=0.5", says="closest: pruning.amount"),
@@ -170,7 +174,8 @@ VALUES = [
     mistake("data.random_gain=0.5", says="data.random_gain=0.5"),
     mistake("module.lr=-1", says="module.lr=-1"),
     mistake("model.dropout=1.5", says="model.dropout=1.5"),
-    mistake("model.widths=[32,64]", says="model.widths=[32, 64]"),
+    mistake("model.widths=[32,64]", says="model.widths=[32,64] is not allowed"),  # the value as typed
+    mistake("model.widths=abc", says="model.widths=abc is not allowed: 3 positive integers"),
     mistake(*UCR, "data.name=Wafer", says="data.name='Wafer' is not allowed: one of the bundled sets"),
     mistake("norm=group", "norm.num_groups=5", says="norm.num_groups=5 is not allowed: a divisor of the 32 channels"),
 ]

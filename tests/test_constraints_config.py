@@ -72,7 +72,7 @@ def test_registry_refuses_a_taken_name_and_keeps_the_same_class():
         ([{"name": "max_norm", "args": {"radius": -1}}], "rules[0].args.radius=-1 is not allowed: a number > 0"),
         ([{"name": "orthogonal", "args": {"method": "exp"}}], "rules[0].args.method='exp' is not allowed: one of polar, qr"),
         ([{"name": "orthogonal", "args": {"speed": 3}}], "rules[0].args.speed=3 is not allowed: an argument of orthogonal: method, tol, max_iter"),
-        ([{"name": "spectral_norm", "args": {"n_power_iterations": 1.5}}], "n_power_iterations=1.5 is not allowed: a int"),
+        ([{"name": "spectral_norm", "args": {"n_power_iterations": 1.5}}], "n_power_iterations=1.5 is not allowed: an int"),
         ([{"name": "unit_norm", "allow_masked": "yes"}], "rules[0].allow_masked='yes' is not allowed: true or false"),
         ([{"name": "unit_norm", "targets": ["*"]}], "rules[0].targets=['*'] is not allowed: keys among"),
         ([{"name": "unit_norm", "args": [1]}], "rules[0].args=[1] is not allowed: a mapping"),
@@ -145,7 +145,7 @@ def test_orthogonal_with_hardshrink_in_one_run_is_refused_before_training(tmp_pa
     [
         (["constraints=orthogonal", "constraints.rules.0.name=orthonormal"], "error: constraints.rules.0.name='orthonormal' is not allowed: one of the registered constraints: learned_mask, max_norm, non_negative, orthogonal"),
         (["constraints=orthogonal", "constraints.rules.0.name=symmetric", "~constraints.rules.0.args"], "constraints.rules.0.name='symmetric' is not allowed: a constraint that fits net.features.0.0.weight of shape (32, 1, 3, 3)"),
-        (["constraints=spectral", "constraints.rules.0.args.n_power_iterations=many"], "constraints.rules.0.args.n_power_iterations='many' is not allowed: a int"),
+        (["constraints=spectral", "constraints.rules.0.args.n_power_iterations=many"], "constraints.rules.0.args.n_power_iterations='many' is not allowed: an int"),
     ],
     ids=["unknown-name", "symmetric-on-non-square", "wrong-type"],
 )

@@ -162,6 +162,13 @@ def test_bad_input_names_key_and_layer(kwargs, shape, match):
         _setup(model, shape, **kwargs)
 
 
+def test_a_count_that_empties_layers_names_the_one_that_bounds_it():
+    """40 of 32, 64 and 16 channels empties the first and the last layer: the bound is the last's."""
+    model = Wrap(DigitsCNN(widths=(32, 64, 16)))
+    with pytest.raises(ConfigError, match=r"end=40 is not allowed: a count <= 15, .* 16 slices of net.features.3.0.weight"):
+        _setup(model, [2, 1, 8, 8], amount=40)
+
+
 # --- with a Trainer: resume, logging ------------------------------------------------------------
 
 

@@ -51,7 +51,8 @@ def describe(expected: Any) -> str:
         return "one of " + ", ".join(map(str, typing.get_args(expected)))
     if expected is type(None):
         return "null"
-    return f"a {getattr(expected, '__name__', expected)}"
+    name = getattr(expected, "__name__", str(expected))
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
 _CLOSED = (object.__init__, nn.Module.__init__)

@@ -14,20 +14,21 @@ __all__ = ["check_peak"]
 
 def check_peak(schedule: Schedule, allocation: Allocation, groups: list[Group], count: bool, key: str) -> None:
     """ConfigError at ``{key}.schedule.end`` when the schedule's peak value would prune a group
-    below its ``min_keep`` elements (or, as a count, past its size)."""
+    below its ``min_keep`` elements (or, as a count, past its size). Of the groups it would empty,
+    the message names the one with the fewest elements to spare: the bound the value must meet."""
     sizes = {g.name: g.size for g in groups if g.min_keep}
     peak = max(schedule.start, schedule.end)
     bounds = allocation.bounds(sizes, peak, count)
-    for group in groups:
-        prune = bounds.get(group.name, -math.inf)
-        if prune > group.size:
-            allowed = f"a count <= {group.describe()}"
-        elif prune > group.size - group.min_keep:
-            least = "one" if group.min_keep == 1 else group.min_keep
-            allowed = (
-                f"an amount that leaves at least {least} of {group.describe()} "
-                "(pruning all of them removes the layer)"
-            )
-        else:
-            continue
-        raise ConfigError(f"{key}.schedule.end", peak, allowed)
+    emptied = [g for g in groups if bounds.get(g.name, -math.inf) > g.size - g.min_keep]
+    if not emptied:
+        return
+    group = min(emptied, key=lambda g: g.size - g.min_keep)
+    least = "one" if group.min_keep == 1 else group.min_keep
+    if count:
+        allowed = f"a count <= {group.size - group.min_keep}, which leaves at least {least} of {group.describe()}"
+    else:
+        allowed = f"an amount that leaves at least {least} of {group.describe()}"
+    allowed += " (pruning all of them removes the layer)"
+    if len(emptied) > 1:
+        allowed += f"; {len(emptied)} groups would be emptied, this one has the fewest to spare"
+    raise ConfigError(f"{key}.schedule.end", peak, allowed)
