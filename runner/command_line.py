@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from plugins.core.arguments import accepted_arguments, unknown_argument
 from plugins.core.errors import ConfigError
+from runner.search_space import SPACE_SYNTAX, check_sweeper_settings, search_space_draws
 from runner.validation import check_config, locate, one_line, quiet, unknown_key, user_error_in
 
 __all__ = [
@@ -80,17 +81,18 @@ def exit_with(err: ConfigError, argv: Sequence[str] | None = None) -> NoReturn:
 
 
 def _typed_values(argv: Sequence[str]) -> dict[str, tuple[str, Any]]:
-    """``{key: (value as typed, as Hydra reads it)}`` for the overrides in ``argv`` that set one
-    value (no sweeps)."""
+    """``{key: (value as typed, as Hydra reads it)}`` for the keys typed once in ``argv``, with
+    one value (no sweep)."""
     try:
         args = _parse_flags(argv)
         overrides = _parse_overrides(args.overrides) if args is not None else []
     except ConfigError:  # not a command line of train.py (a test runner's): nothing typed
         return {}
+    keys = [_typed_key(o) for o in overrides]
     return {
-        _typed_key(o): (o.input_line.partition("=")[2], o.value())
-        for o in overrides
-        if not o.is_sweep_override() and not o.is_delete()
+        key: (o.input_line.partition("=")[2], o.value())
+        for key, o in zip(keys, overrides, strict=True)
+        if keys.count(key) == 1 and not o.is_sweep_override() and not o.is_delete()
     }
 
 
@@ -138,6 +140,11 @@ def check_command_line(argv: Sequence[str], conf_dir: Path, config_name: str = "
         repository = GlobalHydra.instance().config_loader().repository
         _check_group_options(overrides)
         sweeps = [o for o in overrides if o.is_sweep_override()]
+        for sweep in sweeps:
+            if sweep.key_or_group.startswith("hydra."):  # Hydra refuses these with a traceback
+                space = sweep.key_or_group.startswith("hydra.sweeper.params")
+                allowed = SPACE_SYNTAX if space else "one value: Hydra's own settings are not swept"
+                raise ConfigError(_typed_key(sweep), sweep.input_line.partition("=")[2], allowed)
         base = [_first_value(o) for o in overrides]
         cfg = _compose(args.config_name or config_name, [o for o in base if o is not None], overrides)
         multirun = bool(args.multirun) or str(cfg.hydra.get("mode")).endswith("MULTIRUN")
@@ -158,6 +165,7 @@ def check_command_line(argv: Sequence[str], conf_dir: Path, config_name: str = "
             if multirun and sweeps:
                 _check_builds(composed)
         if multirun:
+            _check_search_space(args.config_name or config_name, cfg, base, overrides)
             check_run_folder(str(cfg.hydra.sweep.dir), "hydra.sweep.dir")
         else:
             check_run_folder(str(cfg.hydra.run.dir), "hydra.run.dir")
@@ -259,6 +267,26 @@ def _check_builds(cfg: DictConfig) -> None:
             raise user_error from None
 
 
+def _check_search_space(config_name: str, cfg: DictConfig, base: list[Any], typed: Sequence[Any]) -> None:
+    """Each draw :func:`~runner.search_space.search_space_draws` picks from the sweeper's search
+    space, composed with the other overrides and checked as its trial will be."""
+    check_sweeper_settings(cfg)
+    for key, (space, draws) in search_space_draws(cfg).items():
+        others = [o for o in base if o is not None and o.key_or_group != key]
+        for value, shown in draws:
+            try:
+                draw = _parse_overrides([f"{key}={value}"])
+                composed = _compose(config_name, [*others, *draw], typed)
+                check_config(composed)
+                _check_builds(composed)
+            except ConfigError as err:
+                raise ConfigError(
+                    err.key,
+                    shown if as_typed(err.key) == key else err.value,
+                    f"{err.allowed} (hydra.sweeper.params draws it: {key}: {space})",
+                ) from None
+
+
 def _variants(overrides: Sequence[Any], base: list[Any]) -> Iterator[list[Any]]:
     """The base (first value of every sweep), then each other swept value in turn: every value a
     sweep lists is composed and checked once, without composing the whole product."""
@@ -303,6 +331,9 @@ def _composition_error(err: Exception, config_name: str, typed: Sequence[Any]) -
         (o for o in typed if key and o.key_or_group.startswith(f"{key}.")), None
     )
     value = override.value() if override is not None and not override.is_sweep_override() else None
+    space = next((o for o in typed if o.key_or_group.startswith("hydra.sweeper.params")), None)
+    if space is not None and key.startswith("hydra.sweeper.params"):
+        return ConfigError(space.key_or_group, space.input_line.partition("=")[2], SPACE_SYNTAX)
     if match and ("not in struct" in str(cause) or " not in '" in str(cause)):
         shown = override.key_or_group if override is not None else key
         return ConfigError(shown, value, _unknown_key_allowed(key, config_name, typed))

@@ -21,7 +21,8 @@ import torch
 
 from models import Classifier, DigitsCNN, ResNet1d
 from plugins import ConfigError, HardshrinkSparsifier, NormFactory, StructuredPruning, WeightConstraints
-from tests.conftest import FAST, compose_config, run_train_cli
+from runner.command_line import check_command_line
+from tests.conftest import CONF, FAST, compose_config, run_train_cli
 
 # FAST with two epochs, so that the plugins' default windows (from epoch 1) start within the run.
 SHORT = [*FAST, "trainer.max_epochs=2"]
@@ -124,6 +125,24 @@ UNKNOWN_KEYS = [
 ]
 
 # --- Hydra's and Lightning's own errors, as one line naming the key typed ---------------------------
+
+OPTUNA = ["-m", "hparams_search=optuna_sparsity"]
+
+# --- a sweeper's search space: every bound checked before the first trial draws it ------------------
+
+SEARCH_SPACE = [
+    mistake(*OPTUNA, "hydra.sweeper.n_trials=0", says="hydra.sweeper.n_trials=0 is not allowed: a whole number >= 1"),
+    mistake(*OPTUNA, "hydra.sweeper.direction=up", says="hydra.sweeper.direction='up' is not allowed: minimize or maximize"),
+    mistake(
+        *OPTUNA, '++hydra.sweeper.params={sparsity.schedule.end: "interval(0.3, 1.5)"}', key="sparsity.schedule.end",
+        says="sparsity.schedule.end=1.5 is not allowed: a fraction of zeros in [0, 1)",
+    ),
+    mistake(*OPTUNA, '++hydra.sweeper.params={module.lr: "choice(0.01, -0.1)"}', key="module.lr", says="module.lr=-0.1"),
+    mistake(*OPTUNA, '++hydra.sweeper.params={model.dropout: "range(0, 3)"}', key="model.dropout", says="model.dropout=1"),
+    mistake(*OPTUNA, "hydra.sweeper.params.module.lr=choice(0.1,0.2)", says="a search space given as one mapping"),
+    mistake(*OPTUNA, "hydra.sweeper.params.module.lr=interval(0.1,0.2)", says="a search space given as one mapping"),
+    mistake(*OPTUNA, "hydra.sweeper.n_trials=2,3", says="hydra.sweeper.n_trials='2,3' is not allowed: one value"),
+]
 
 HYDRA_AND_LIGHTNING = [
     mistake("norm=banana", says="norm='banana' is not allowed: one of batch"),
@@ -257,12 +276,19 @@ OPTIMIZED_METRIC = [
     mistake("checkpoint.monitor=test/acc", says="checkpoint.monitor='test/acc'"),
 ]
 
-COMMAND_LINE = NAN_AND_INF + BOOLEANS + UNKNOWN_KEYS + HYDRA_AND_LIGHTNING + VALUES + PLUGINS + SCHEDULES + DIMS + OPTIMIZED_METRIC
+COMMAND_LINE = SEARCH_SPACE + NAN_AND_INF + BOOLEANS + UNKNOWN_KEYS + HYDRA_AND_LIGHTNING + VALUES + PLUGINS + SCHEDULES + DIMS + OPTIMIZED_METRIC
 
 
 @pytest.mark.parametrize("args,key,says", COMMAND_LINE)
 def test_command_line_mistake(tmp_path: Path, args: list[str], key: str, says: str):
     _assert_refused(tmp_path / "run", args, key, says)
+
+
+def test_a_search_space_drawing_only_allowed_values_passes_the_check(tmp_path: Path):
+    """A fraction's interval(0.3, 1.0) is checked just inside its upper end, which the sampler
+    never reaches: no refusal of a space every trial can run."""
+    space = '{sparsity.schedule.end: "interval(0.3, 1.0)", module.lr: "tag(log, interval(0.0003, 0.01))"}'
+    check_command_line([*OPTUNA, f"++hydra.sweeper.params={space}", f"hydra.sweep.dir={tmp_path}"], CONF)
 
 
 # --- checkpoints: missing, unreadable, of another model, of another plugin set ---------------------
