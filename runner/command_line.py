@@ -11,19 +11,20 @@ runs on it, and the run folder is checked. :func:`exit_with` prints a ConfigErro
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from plugins.core.arguments import accepted_arguments, unknown_argument
 from plugins.core.errors import ConfigError
+from runner.error_line import as_typed, error_line, exit_with
+from runner.overrides import parse_flags, parse_overrides, typed_key
 from runner.search_space import SPACE_SYNTAX, check_sweeper_settings, search_space_draws
 from runner.validation import check_config, locate, one_line, quiet, unknown_key, user_error_in
 
@@ -39,61 +40,6 @@ __all__ = [
 
 # Flags after which Hydra prints something and runs no job: left to Hydra.
 _INFO_FLAGS = ("help", "hydra_help", "version", "cfg", "info", "shell_completion", "experimental_rerun")
-
-
-# --- the one line --------------------------------------------------------------------------------
-
-
-def as_typed(key: str) -> str:
-    """``constraints.rules[0].args.init`` -> ``constraints.rules.0.args.init``: the key as an
-    override spells it."""
-    return re.sub(r"\[(\d+)\]", r".\1", key)
-
-
-def error_line(err: ConfigError, argv: Sequence[str] = ()) -> str:
-    """``error: <key as typed>=<value> is not allowed: <what is allowed>``, always one line.
-
-    The value is the one the override in ``argv`` gave that key, as typed, wherever parsing it
-    changed how it reads (``seed=1e309`` is read as ``inf``, ``model.widths=abc`` as a list of
-    letters by the code that checks it); otherwise its ``repr``."""
-    key = as_typed(err.key)
-    typed, parsed = _typed_values(argv).get(key, (None, None))
-    shown = repr(err.value)
-    if typed is not None and typed != str(err.value) and not _one_of(err.value, parsed):
-        shown = typed
-    return one_line(f"error: {key}={shown} is not allowed: {err.allowed}")
-
-
-def _one_of(value: Any, typed: Any) -> bool:
-    """``value`` is one item of the typed list (the glob of ``include=[a,b]`` that matched nothing):
-    that item says more than the whole list."""
-    try:
-        return isinstance(typed, list) and value is not typed and any(value == item for item in typed)
-    except Exception:  # noqa: BLE001 - a value without a plain == (a tensor): not an item
-        return False
-
-
-def exit_with(err: ConfigError, argv: Sequence[str] | None = None) -> NoReturn:
-    """A user's mistake: one line on stderr, exit status 2, no traceback (``argv``: the command
-    line's arguments, ``sys.argv[1:]`` unless given)."""
-    print(error_line(err, sys.argv[1:] if argv is None else argv), file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def _typed_values(argv: Sequence[str]) -> dict[str, tuple[str, Any]]:
-    """``{key: (value as typed, as Hydra reads it)}`` for the keys typed once in ``argv``, with
-    one value (no sweep)."""
-    try:
-        args = _parse_flags(argv)
-        overrides = _parse_overrides(args.overrides) if args is not None else []
-    except ConfigError:  # not a command line of train.py (a test runner's): nothing typed
-        return {}
-    keys = [_typed_key(o) for o in overrides]
-    return {
-        key: (o.input_line.partition("=")[2], o.value())
-        for key, o in zip(keys, overrides, strict=True)
-        if keys.count(key) == 1 and not o.is_sweep_override() and not o.is_delete()
-    }
 
 
 def info_to_stdout() -> None:
@@ -125,12 +71,12 @@ def check_command_line(argv: Sequence[str], conf_dir: Path, config_name: str = "
     compose it (in a multirun: once per swept value), and the run folder is checked. Flags after
     which Hydra runs no job (``--help``, ``--cfg``, ...) and other config folders are Hydra's.
     """
-    args = _parse_flags(argv)
+    args = parse_flags(argv)
     if args is None or any(getattr(args, flag, None) for flag in _INFO_FLAGS):
         return
     if args.config_path or args.config_dir:
         return
-    overrides = _parse_overrides(args.overrides)
+    overrides = parse_overrides(args.overrides)
 
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -144,14 +90,14 @@ def check_command_line(argv: Sequence[str], conf_dir: Path, config_name: str = "
             if sweep.key_or_group.startswith("hydra."):  # Hydra refuses these with a traceback
                 space = sweep.key_or_group.startswith("hydra.sweeper.params")
                 allowed = SPACE_SYNTAX if space else "one value: Hydra's own settings are not swept"
-                raise ConfigError(_typed_key(sweep), sweep.input_line.partition("=")[2], allowed)
+                raise ConfigError(typed_key(sweep), sweep.input_line.partition("=")[2], allowed)
         base = [_first_value(o) for o in overrides]
         cfg = _compose(args.config_name or config_name, [o for o in base if o is not None], overrides)
         multirun = bool(args.multirun) or str(cfg.hydra.get("mode")).endswith("MULTIRUN")
         if sweeps and not multirun:
             first = sweeps[0]
             raise ConfigError(
-                _typed_key(first),
+                typed_key(first),
                 first.input_line.partition("=")[2],
                 "one value (add -m to sweep over several; write [a,b] for a list)",
             )
@@ -172,45 +118,6 @@ def check_command_line(argv: Sequence[str], conf_dir: Path, config_name: str = "
     GlobalHydra.instance().clear()
 
 
-def _parse_flags(argv: Sequence[str]) -> argparse.Namespace | None:
-    from hydra._internal.utils import get_args_parser
-
-    parser = get_args_parser()
-
-    def refuse(message: str) -> NoReturn:
-        unrecognized = message.partition("unrecognized arguments: ")[2].split()
-        word = unrecognized[0] if unrecognized else message
-        key, _, value = word.partition("=")
-        raise ConfigError(
-            key, value, f"a flag of Hydra (-m, --cfg, --help, ...) before the overrides KEY=VALUE ({message})"
-        )
-
-    parser.error = refuse  # one line instead of argparse's usage and exit
-    return parser.parse_args(list(argv))
-
-
-def _parse_overrides(texts: Sequence[str]) -> list[Any]:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException, OverrideParseException
-
-    parser = OverridesParser.create()
-    parsed = []
-    for text in texts:
-        try:
-            parsed.append(parser.parse_override(text))
-        except (OverrideParseException, HydraException) as err:
-            key, _, value = text.partition("=")
-            reason = str(err).splitlines()[1] if len(str(err).splitlines()) > 1 else str(err)
-            raise ConfigError(
-                key.lstrip("+~") or text, value, f"an override KEY=VALUE in Hydra's syntax ({one_line(reason)})"
-            ) from None
-    return parsed
-
-
-def _typed_key(override: Any) -> str:
-    return override.key_or_group if override.package is None else f"{override.key_or_group}@{override.package}"
-
-
 def _check_group_options(overrides: Sequence[Any]) -> None:
     """``hydra/launcher=nope``, ``norm=banana``: the group's options, before Hydra says it in a
     screenful."""
@@ -225,7 +132,7 @@ def _check_group_options(overrides: Sequence[Any]) -> None:
         values = _sweep_values(override) if override.is_sweep_override() else [override.value()]
         for value in values or []:
             if value is not None and str(value) not in options and str(value) != "null":
-                raise ConfigError(_typed_key(override), value, f"one of {', '.join(options)}")
+                raise ConfigError(typed_key(override), value, f"one of {', '.join(options)}")
 
 
 def _sweep_values(override: Any) -> list[str] | None:
@@ -275,7 +182,7 @@ def _check_search_space(config_name: str, cfg: DictConfig, base: list[Any], type
         others = [o for o in base if o is not None and o.key_or_group != key]
         for value, shown in draws:
             try:
-                draw = _parse_overrides([f"{key}={value}"])
+                draw = parse_overrides([f"{key}={value}"])
                 composed = _compose(config_name, [*others, *draw], typed)
                 check_config(composed)
                 _check_builds(composed)
