@@ -170,6 +170,19 @@ def test_learned_mask_keeps_the_weight_and_sparsifies_at_bake():
     assert zeros == pytest.approx(1 - mask.kept())
 
 
+def test_learned_mask_with_a_target_closes_exactly_its_count_whatever_the_ties():
+    """Fresh scores are all equal: every one ties at the cut. round(0.5 * 320) = 160 gates close,
+    the first 160 in index order (all of them closed before)."""
+    layer = nn.Linear(10, 32)
+    wc = WeightConstraints([{"name": "learned_mask", "args": {"target": 0.5}, "include": ["weight"], "module_types": None}])
+    wc.apply(layer)
+    mask = wc.applied[0].constraint
+    mask.finalize_()
+    closed = torch.isneginf(mask.scores).reshape(-1)
+    assert int(closed.sum()) == 160 and bool(closed[:160].all())
+    assert mask.kept() == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize("shape", [(64, 64), (64, 16), (16, 64), (32, 8, 5)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 def test_projections_reach_the_orthogonal_matrices(shape, dtype, tol):
