@@ -387,6 +387,43 @@ def test_bad_arguments_are_refused_naming_the_key(kwargs, key):
     assert err.value.key == key and str(err.value).startswith(f"{key}=")
 
 
+@pytest.mark.parametrize("grow", ["dense_gradient", "random"])
+def test_a_frozen_tensor_is_refused_before_training(grow):
+    """A weight grown in a frozen tensor would stay 0: its sparsity would creep above its share
+    while the log said the target."""
+    module = Tiny()
+    module.net[0].weight.requires_grad_(False)
+    with pytest.raises(ConfigError, match=r"^sparsity.targets='net.0.weight' is not allowed: tensors that train"):
+        quiet_trainer([DynamicSparsifier(grow=grow)], max_epochs=1).fit(module)
+
+
+class _TwoOptimizers(Tiny):
+    """Manual optimization, one optimizer per layer, stepped one after the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+            self.manual_backward(F.cross_entropy(self(x), y))
+            optimizer.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
+
+
+def test_manual_optimization_is_refused_before_training():
+    batches = []
+    sparsifier = DynamicSparsifier(grow="random", update_every=1)
+    record = L.pytorch.callbacks.LambdaCallback(on_train_batch_start=lambda *args: batches.append(1))
+    with pytest.raises(ConfigError, match=r"^sparsity.grow='random' is not allowed: a LightningModule with automatic"):
+        quiet_trainer([sparsifier, record], max_epochs=1).fit(_TwoOptimizers())
+    assert batches == []
+
+
 def test_a_constrained_tensor_is_refused_before_training():
     from plugins.constraints import WeightConstraints
 

@@ -145,10 +145,25 @@ class DynamicSparsifier(MaskingCallback):
         self.grow_name = grow
 
     @override
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Refuse manual optimization first: its optimizers step one at a time, and an update at
+        the first one's step would rewrite weights whose gradients another loss has not reached."""
+        if stage == "fit" and not getattr(pl_module, "automatic_optimization", True):
+            raise ConfigError(
+                f"{self.key}.grow",
+                self.grow_name,
+                "a LightningModule with automatic optimization: with automatic_optimization=False "
+                "(several optimizers stepped by hand) no step is the one where every weight has its "
+                "gradient; use sparsity=gmp or hardshrink there",
+            )
+        super().setup(trainer, pl_module, stage)
+
+    @override
     def check_targets(self, targets: list[Target]) -> None:
         """Refuse a tensor that already carries a parametrization: under a constraint a grown entry
         would not start at 0 (softplus maps 0 to log 2), and another callback's mask would be
-        replaced, its zeros grown back."""
+        replaced, its zeros grown back. Refuse a frozen tensor: a weight grown there stays 0, so
+        every drop would be for good and its sparsity would creep above its share."""
         for target in targets:
             if parametrize.is_parametrized(target.module, target.tensor_name):
                 raise ConfigError(
@@ -156,6 +171,13 @@ class DynamicSparsifier(MaskingCallback):
                     target.name,
                     "tensors without a constraint or another plugin's mask: dynamic sparsity regrows "
                     "entries at 0 and replaces its masks (exclude the tensor from one of the selections)",
+                )
+            if not target.raw.requires_grad:
+                raise ConfigError(
+                    f"{self.key}.targets",
+                    target.name,
+                    "tensors that train (requires_grad=True): a weight grown in a frozen tensor stays 0, "
+                    "so each move would prune it further (exclude the frozen tensor)",
                 )
 
     @override
