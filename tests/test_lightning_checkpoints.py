@@ -22,6 +22,11 @@ PLUGINS = {
     "structured-l1": lambda: [StructuredPruning(method="l1", schedule=SCHEDULE, exclude=["*head*"])],
     "structured-compact": lambda: [StructuredPruning(method="l1", amount=0.5, exclude=["*head*"], compact=True)],
     "constraint": lambda: [WeightConstraints(rules=[{"name": "non_negative", "include": ["*head*weight"], "module_types": ["Linear"]}])],
+    # Rounds its gates at the end of fit: a checkpoint holds the weights as rounded (the model fit
+    # ends with), not the soft-gated ones.
+    "learned-mask": lambda: [
+        WeightConstraints(rules=[{"name": "learned_mask", "args": {"target": 0.5, "temperature": 0.01}, "include": ["*features.0.0.weight"]}])
+    ],
     "all-three": lambda: [
         WeightConstraints(rules=[{"name": "non_negative", "include": ["*head*weight"], "module_types": ["Linear"]}]),
         HardshrinkSparsifier(mode="sparsity", schedule=SCHEDULE),

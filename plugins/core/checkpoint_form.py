@@ -7,8 +7,9 @@ would fail on missing and unexpected keys. Every plugin callback therefore write
 form, built here:
 
 - ``checkpoint["state_dict"]`` holds the plain names with the values the module computes with
-  (masks and constraints applied): exactly what the model without plugins would hold, so any
-  module built as usual loads it and computes the same outputs;
+  (masks and constraints applied, as they will be baked: a learned mask's gates rounded): exactly
+  what the model without plugins would hold, so any module built as usual loads it and computes
+  what the trained model computes;
 - ``checkpoint["parametrizations"]`` holds the raw entries taken out (the unconstrained tensor when
   it differs from the computed one, the masks, learned gate scores), which the plugins put back when
   they resume, so that a resumed run continues exactly.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -79,12 +81,37 @@ def to_plain_form(checkpoint: dict[str, Any], model: nn.Module) -> None:
         entries = {k: state.pop(k) for k in [k for k in state if k.startswith(head)]}
         if not entries:
             continue
-        computed = getattr(module, tensor_name).detach().clone()
+        with _as_finalized(module.parametrizations[tensor_name]):
+            computed = getattr(module, tensor_name).detach().clone()
         original = entries.pop(head + "original")
         if not torch.equal(original, computed):  # masks alone leave them equal: keep one copy
             raw[head + "original"] = original
         raw.update(entries)
         state[_join(mod_name, tensor_name)] = computed
+
+
+@contextmanager
+def _as_finalized(chain: nn.Module) -> Iterator[None]:
+    """The chain as it will be baked: each parametrization's ``finalize_`` applied (a learned mask
+    rounds its gates), then its own state put back. A checkpoint's plain tensors are then the ones
+    fit would end with, had it ended there: ``load_from_checkpoint(last)`` computes what the trained
+    model does. Costs one copy of that state per save."""
+    saved = []
+    for p in chain:
+        if callable(getattr(p, "finalize_", None)):
+            saved.append((p, {name: t.detach().clone() for name, t in _own_state(p)}))
+            p.finalize_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, state in saved:
+                for name, t in _own_state(p):
+                    t.copy_(state[name])
+
+
+def _own_state(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
 
 
 def _plain_to_parametrized(model: nn.Module, state: dict[str, Any], prefix: str) -> None:
