@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from plugins.core.errors import ConfigError, SelectionWarning
 from plugins.sparsity.hardshrink import HardshrinkSparsifier
 from tests.helpers import quiet_trainer
-from tests.zoo_models import CLASSES, LENGTH, QKVO, VOCAB, ZOO, Task, TextLSTM, ZooModel, fit_zoo
+from tests.zoo_models import CLASSES, LENGTH, QKVO, VOCAB, ZOO, Task, TextLSTM, ZooModel, _gpt2, fit_zoo
 
 
 def _tokens(n: int = 32) -> DataLoader:
@@ -88,6 +88,17 @@ def test_weights_left_out_by_module_type_are_named_in_a_warning():
     sparsifier = _sparsifier(0.5)
     with pytest.warns(SelectionWarning, match=r"net.0.weight \(Embedding\), net.1.weight_ih_l0 \(LSTM\), net.1.weight_hh_l0 \(LSTM\)"):
         sparsifier.setup(None, Task(net), "fit")
+
+
+def test_a_type_left_out_is_named_as_module_types_takes_it():
+    """GPT-2's attention and MLP weights are transformers' Conv1D: the warning spells the type as
+    module_types accepts it, and adding that spelling selects them."""
+    net = _gpt2()
+    with pytest.warns(SelectionWarning, match=r"net.transformer.h.0.attn.c_attn.weight \(transformers.pytorch_utils.Conv1D\)"):
+        _sparsifier(0.5).setup(None, Task(net), "fit")
+    sparsifier = _sparsifier(0.5, module_types=["Linear", "transformers.pytorch_utils.Conv1D"])
+    sparsifier.setup(None, Task(_gpt2()), "fit")
+    assert "net.transformer.h.0.attn.c_attn.weight" in {t.name for t in sparsifier.targets}
 
 
 def test_a_lazy_layer_is_refused_by_name_until_a_forward_has_shaped_it():

@@ -28,6 +28,7 @@ __all__ = [
     "selection_arguments",
     "select_parameters",
     "resolve_module_types",
+    "type_spelling",
 ]
 
 # MultiheadAttention owns its q/k/v projection (``in_proj_weight``) itself; its output projection
@@ -106,6 +107,16 @@ def resolve_module_types(names: Iterable[str | type], key: str = "module_types")
     return tuple(types)
 
 
+def type_spelling(module: nn.Module) -> str:
+    """The class of ``module`` as ``module_types`` accepts it: ``Linear`` for torch.nn's, the
+    dotted path for others (``transformers.pytorch_utils.Conv1D``); parametrize's per-instance
+    class is seen through."""
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]
+    return cls.__name__ if getattr(nn, cls.__name__, None) is cls else f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _tensors_of(module: nn.Module) -> list[str]:
     names = [n for n, p in module._parameters.items() if p is not None]
     if parametrize.is_parametrized(module):
@@ -142,7 +153,7 @@ def select_parameters(
             others = [t for t in owned if t not in candidates and fnmatch.fnmatchcase(t.name, pattern)]
             other_types = ""
             if others and not candidates:
-                named = ", ".join(f"{t.name} ({type(t.module).__name__})" for t in others[:4])
+                named = ", ".join(f"{t.name} ({type_spelling(t.module)})" for t in others[:4])
                 other_types = f"; of other module types: {named} (add the type to module_types)"
             raise ConfigError(
                 f"{key}.include",
@@ -219,7 +230,7 @@ def _warn_left_out(
         and not any(fnmatch.fnmatchcase(t.name, p) for p in exclude)
     ]
     if left:
-        shown = ", ".join(f"{t.name} ({type(t.module).__name__})" for t in left[:6])
+        shown = ", ".join(f"{t.name} ({type_spelling(t.module)})" for t in left[:6])
         warnings.warn(
             SelectionWarning(
                 f"{key}: {len(left)} weight tensor(s) match the include globs but not the module types, "
