@@ -17,6 +17,7 @@ from plugins.core.allocation import prune_count
 from plugins.core.decision import select_slices
 from plugins.core.errors import ConfigError
 from plugins.core.masks import get_mask
+from plugins.pruning.compaction import compact
 from plugins.pruning.structured import StructuredPruning
 from tests.conftest import FAST, run_train_inprocess
 from tests.helpers import Tiny, conv1d_net, quiet_trainer
@@ -116,6 +117,25 @@ def test_same_seed_same_random_masks_whatever_the_weights():
         cb.apply(0.5)
         masks.append([get_mask(t.module, t.tensor_name).mask.clone() for t in cb.targets])
     assert all(torch.equal(a, b) for a, b in zip(*masks, strict=True))
+
+
+def test_a_frozen_layer_is_pruned_compacted_and_stays_frozen():
+    """The dependency graph is traced through autograd, where a frozen layer left no trace (it was
+    refused as not called in forward); Torch-Pruning's sliced Parameters all require grad."""
+    model = Wrap(DigitsCNN())
+    model.net.features[0][0].weight.requires_grad_(False)
+    cb = _setup(model, [2, 1, 8, 8])
+    cb.apply(0.5)
+    assert cb.channels()["net.features.0.0.weight"] == "16/32"
+    compact(model, torch.randn(2, 1, 8, 8), measure=False)
+    conv = model.net.features[0][0]
+    assert conv.out_channels == 16 and not conv.weight.requires_grad
+    assert all(p.requires_grad for name, p in model.named_parameters() if name != "net.features.0.0.weight")
+
+
+def test_an_example_input_the_model_refuses_is_named_by_its_shape():
+    with pytest.raises(ConfigError, match=r"^pruning.example_input_shape=\[2, 1, 5\] is not allowed: an example input Wrap's forward takes"):
+        _setup(Wrap(DigitsCNN()), [2, 1, 5])
 
 
 def test_count_mode_and_dim1():

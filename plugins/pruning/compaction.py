@@ -227,8 +227,12 @@ def compact(
         before = _widths(dg, names)
         expected = outputs(model, example_inputs)
         ties = tied_owners(model)
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
         inexact = _prune_removable(dg, names, steps)
         _fix_feature_counts(model)
+        for name, p in model.named_parameters():  # Torch-Pruning's sliced Parameters all train
+            if name in frozen:
+                p.requires_grad_(False)
         check_ties(ties)
         check_equal(expected, model, example_inputs, inexact)
         if inexact:

@@ -55,19 +55,36 @@ def trace(model: nn.Module, example_inputs: Any, key: str = "compact") -> tp.Dep
     inplace = [m for m in model.modules() if getattr(m, "inplace", False) is True]
     for m in inplace:
         m.inplace = False
+    # The tracer follows autograd's graph: a frozen layer (requires_grad=False) would leave none.
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
     try:
         with evaluating(model), torch.enable_grad():
             return tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
     except Exception as err:  # noqa: BLE001 - whatever the tracer trips on, the user must hear it
         raise ConfigError(
             key,
-            type(model).__name__,
-            f"a model Torch-Pruning's dependency graph can trace with the example inputs "
+            _shapes(example_inputs),
+            f"an example input {type(model).__name__}'s forward takes, for Torch-Pruning's dependency graph "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
         ) from None
     finally:
         for m in inplace:
             m.inplace = True
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def _shapes(inputs: Any) -> Any:
+    """The example input as its shapes (what ``example_input_shape`` says), for a message."""
+    if torch.is_tensor(inputs):
+        return list(inputs.shape)
+    if isinstance(inputs, (tuple, list)):
+        return [_shapes(i) for i in inputs]
+    if isinstance(inputs, dict):
+        return {k: _shapes(v) for k, v in inputs.items()}
+    return type(inputs).__name__
 
 
 def _groups(dg: tp.DependencyGraph):
