@@ -102,7 +102,15 @@ def train(cfg: DictConfig) -> float:
         close_loggers(loggers)
     if summary is None:  # DDP's other ranks
         return float(metrics["test/acc"])
-    return optimized_value(cfg, summary)
+    return optimized_value(cfg, summary, sweep=_in_sweep())
+
+
+def _in_sweep() -> bool:
+    """Whether a sweeper launched this job (and waits for its optimized value)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from collections.abc import Mapping
@@ -140,10 +141,17 @@ def write_outputs(
     return summary
 
 
-def optimized_value(cfg: DictConfig, summary: dict[str, Any]) -> float:
-    """The value a sweeper maximizes or minimizes: ``summary[cfg.optimized_metric]``."""
+def optimized_value(cfg: DictConfig, summary: dict[str, Any], sweep: bool = True) -> float:
+    """The value a sweeper maximizes or minimizes: ``summary[cfg.optimized_metric]``. A run that
+    did not compute it (``trainer.max_steps`` ended it before its first validation) is an error in a
+    sweep, whose sweeper needs it; a single run has written its outputs and returns NaN, with a
+    warning, rather than exit 2 beside a finished folder."""
     key = cfg.get("optimized_metric") or "test/acc"
     if key not in summary:
         numeric = sorted(k for k, v in summary.items() if isinstance(v, (int, float)))
-        raise ConfigError("optimized_metric", key, f"a metric of this run: {', '.join(numeric)}")
+        if sweep:
+            raise ConfigError("optimized_metric", key, f"a metric of this run: {', '.join(numeric)}")
+        computed = ", ".join(numeric)
+        warnings.warn(f"optimized_metric={key} was not computed by this run (it has {computed})", stacklevel=2)
+        return math.nan
     return float(summary[key])

@@ -67,6 +67,8 @@ __all__ = [
 SUMMARY_NUMBERS = ("params/total", "params/nonzero", "sparsity/global", "seed", "duration_s")
 _CLASSIFIER_LOGS = ("loss", "acc", "f1")
 CLASSIFIER_METRICS = tuple(f"{stage}/{name}" for stage in ("val", "test") for name in _CLASSIFIER_LOGS)
+# The last training epoch's, kept by the Classifier and written to summary.json (runner.outputs).
+CLASSIFIER_TRAIN_METRICS = ("train/acc", "train/f1", "train/loss_epoch")
 CLASSIFIER_TARGETS = ("models.Classifier", "models.classifier.Classifier")
 SEED_MAX = 2**32 - 1
 # What ModelCheckpoint can monitor on the Classifier: its logged metrics (train/loss also per step).
@@ -333,6 +335,9 @@ def check_trainer(cfg: DictConfig) -> None:
         raise ConfigError(
             "trainer.limit_test_batches", tests, "a count or fraction > 0 (every run ends with a test: test/acc)"
         )
+    steps = kwargs.get("max_steps")
+    if is_number(steps) and steps != -1 and steps < 1:
+        raise ConfigError("trainer.max_steps", steps, "-1 (no limit: max_epochs decides) or a count >= 1")
     trains = kwargs.get("limit_train_batches")
     if is_number(trains) and trains <= 0:
         raise ConfigError(
@@ -489,6 +494,7 @@ def check_optimized_metric(cfg: DictConfig) -> None:
     classifier = isinstance(module, DictConfig) and module.get("_target_") in CLASSIFIER_TARGETS
     if classifier:
         known.update(CLASSIFIER_METRICS)
+        known.update(CLASSIFIER_TRAIN_METRICS)
     elif isinstance(metric, str) and metric.startswith(("val/", "test/")):
         return  # another module logs its own metrics: they are only known once it has run
     if metric in known:

@@ -271,6 +271,7 @@ OPTIMIZED_METRIC = [
     mistake("sparsity=gmp", "optimized_metric=sparsity/sparsty", says="sparsity/selected"),
     mistake("hparams_search=optuna_sparsity", "optimized_metric=val/acuracy", says="closest: val/acc"),
     mistake("trainer.limit_val_batches=0", says="optimized_metric='val/acc' is not allowed"),
+    mistake("+trainer.max_steps=0", says="trainer.max_steps=0 is not allowed: -1 (no limit: max_epochs decides) or a count >= 1"),
     # ModelCheckpoint would find out after the first epoch, with checkpoints written.
     mistake("checkpoint.monitor=val/accc", says="checkpoint.monitor='val/accc' is not allowed: a metric logged during fit (closest: val/acc)"),
     mistake("checkpoint.monitor=test/acc", says="checkpoint.monitor='test/acc'"),
@@ -282,6 +283,14 @@ COMMAND_LINE = SEARCH_SPACE + NAN_AND_INF + BOOLEANS + UNKNOWN_KEYS + HYDRA_AND_
 @pytest.mark.parametrize("args,key,says", COMMAND_LINE)
 def test_command_line_mistake(tmp_path: Path, args: list[str], key: str, says: str):
     _assert_refused(tmp_path / "run", args, key, says)
+
+
+@pytest.mark.parametrize("metric", ["train/acc", "test/f1", "params/nonzero"])
+def test_any_number_summary_json_holds_is_an_optimized_metric(metric):
+    """train/acc is the last training epoch's, which summary.json holds (it was refused)."""
+    from runner.validation import check_optimized_metric
+
+    check_optimized_metric(compose_config([f"optimized_metric={metric}"]))
 
 
 def test_a_search_space_drawing_only_allowed_values_passes_the_check(tmp_path: Path):

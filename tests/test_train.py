@@ -28,6 +28,16 @@ def test_default_run_writes_every_output(tmp_path: Path):
     assert "state_dict" in ckpt
 
 
+def test_a_run_ended_by_max_steps_before_validating_finishes_with_exit_0(tmp_path: Path):
+    """The default optimized_metric (val/acc) is not computed: a single run says so and ends as
+    it trained (it exited 2 after writing every output before)."""
+    result = run_train_cli([*FAST, "+trainer.max_steps=2", f"hydra.run.dir={tmp_path}"], timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "val/acc" not in summary and "test/acc" in summary
+    assert "optimized_metric=val/acc was not computed by this run" in result.stdout
+
+
 STANDALONE = """
 import sys, torch
 for name in ("models", "plugins", "train"):
