@@ -9,6 +9,7 @@ Run outputs (see DESIGN.md): checkpoints/last.ckpt, summary.json, model.pt (+ mo
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from plugins.core.errors import ConfigError
 from runner import command_line, validation
 from runner.build import build_callbacks, build_loggers, build_model, build_plugins, close_loggers
-from runner.checkpoints import AtomicCheckpointIO, resolve_resume, stop_on_signal
+from runner.checkpoints import AtomicCheckpointIO, finished, resolve_resume, stop_on_signal
 from runner.console import quiet_known_noise
 from runner.dashboards import publish
 from runner.ddp import use_job_scoped_ddp_children
@@ -67,6 +68,12 @@ def train(cfg: DictConfig) -> float:
     module = build_model(cfg, datamodule)
     checkpoint = validation.read_checkpoint(cfg.get("ckpt_path"), ckpt_path)  # None: a fresh start
     validation.check_checkpoint_matches(cfg.get("ckpt_path"), checkpoint, module)
+    summary_file = output_dir / "summary.json"
+    requeued = cfg.get("ckpt_path") == "last" and checkpoint is not None and finished(checkpoint, cfg)
+    if requeued and summary_file.is_file():
+        # A requeue of a job that had finished: resuming would train nothing and rewrite its outputs.
+        print(f"{output_dir} has finished training: nothing left to do, its outputs are kept", flush=True)
+        return optimized_value(cfg, json.loads(summary_file.read_text()), sweep=_in_sweep())
     plugins = build_plugins(cfg)
     validation.check_checkpoint_plugins(cfg.get("ckpt_path"), checkpoint, plugins)
     loggers = build_loggers(cfg, resume_step=None if checkpoint is None else checkpoint["global_step"])

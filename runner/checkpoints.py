@@ -144,6 +144,18 @@ def resolve_resume(ckpt_path: str | None, run_dir: Path) -> tuple[str | None, st
     return str(path), f"resuming from epoch {epoch}, step {step} ({path})"
 
 
+def finished(checkpoint: dict[str, Any], cfg: Any) -> bool:
+    """Whether ``checkpoint`` ends the run ``cfg`` describes: its epochs all trained
+    (``trainer.max_epochs``) or its steps all taken (``trainer.max_steps``), so that resuming from
+    it would train nothing."""
+    trainer = cfg.get("trainer") or {}
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
+    done_epochs = isinstance(epochs, int) and epochs >= 0 and progress.get("processed", 0) >= epochs
+    done_steps = isinstance(steps, int) and steps > 0 and checkpoint.get("global_step", 0) >= steps
+    return done_epochs or done_steps
+
+
 class RandomState(L.Callback):
     """Saves torch's and Python's random states in every checkpoint and restores them on resume,
     so that dropout draws after a resume are those of the run that was never stopped.

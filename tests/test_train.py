@@ -38,6 +38,18 @@ def test_a_run_ended_by_max_steps_before_validating_finishes_with_exit_0(tmp_pat
     assert "optimized_metric=val/acc was not computed by this run" in result.stdout
 
 
+def test_a_requeue_of_a_finished_run_keeps_its_outputs(tmp_path: Path):
+    """The same command with ckpt_path=last after the run finished (a SLURM requeue): nothing is
+    trained or rewritten (it tested again and rewrote summary.json without its val/ metrics)."""
+    args = [*FAST, "ckpt_path=last", f"hydra.run.dir={tmp_path}"]
+    assert run_train_cli(args, timeout=300).returncode == 0
+    written = (tmp_path / "summary.json").read_bytes()
+    again = run_train_cli(args, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "has finished training: nothing left to do" in again.stdout
+    assert (tmp_path / "summary.json").read_bytes() == written
+
+
 STANDALONE = """
 import sys, torch
 for name in ("models", "plugins", "train"):
