@@ -68,6 +68,7 @@ def train(cfg: DictConfig) -> float:
     module = build_model(cfg, datamodule)
     checkpoint = validation.read_checkpoint(cfg.get("ckpt_path"), ckpt_path)  # None: a fresh start
     validation.check_checkpoint_matches(cfg.get("ckpt_path"), checkpoint, module)
+    validation.check_resume_length(cfg, checkpoint)
     summary_file = output_dir / "summary.json"
     requeued = cfg.get("ckpt_path") == "last" and checkpoint is not None and finished(checkpoint, cfg)
     if requeued and summary_file.is_file():

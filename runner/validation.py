@@ -55,6 +55,7 @@ __all__ = [
     "check_batches",
     "read_checkpoint",
     "check_checkpoint_matches",
+    "check_resume_length",
     "check_checkpoint_plugins",
     "unknown_key",
     "one_line",
@@ -629,6 +630,25 @@ def _plain_name(name: str) -> str | None:
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def check_resume_length(cfg: DictConfig, checkpoint: Mapping[str, Any] | None) -> None:
+    """A resumed Classifier run keeps the length it started with: its cosine learning-rate schedule
+    spans ``trainer.max_epochs`` and resumes with the checkpoint's span, so a new ``max_epochs``
+    would train its extra epochs at a learning rate near 0 (the schedule's end) and up again."""
+    module = cfg.get("module")
+    if checkpoint is None or not (isinstance(module, DictConfig) and module.get("_target_") in CLASSIFIER_TARGETS):
+        return
+    epochs = (cfg.get("trainer") or {}).get("max_epochs")
+    for state in checkpoint.get("lr_schedulers") or []:
+        span = state.get("T_max") if isinstance(state, Mapping) else None
+        if isinstance(span, int) and is_number(epochs) and max(int(epochs), 1) != span:
+            raise ConfigError(
+                "trainer.max_epochs",
+                epochs,
+                f"{span}, the length of the run the checkpoint resumes (its cosine learning-rate schedule "
+                f"spans {span} epochs; a longer or shorter run is a new run)",
+            )
 
 
 def check_checkpoint_matches(

@@ -360,6 +360,16 @@ def test_checkpoint_of_the_same_model_with_other_widths(tmp_path: Path):
     assert "net.features.0.0.weight (checkpoint (16, 1, 3, 3) vs model (32, 1, 3, 3))" in line, line
 
 
+def test_a_resume_with_another_max_epochs_is_refused(tmp_path: Path):
+    """Its cosine learning rate would resume with the old span: epoch 2 of a 1-epoch schedule
+    trained at a learning rate of 0, silently."""
+    assert run_train_cli([*SHORT, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'first'}"], timeout=300).returncode == 0
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    _assert_refused(
+        tmp_path / "run", [f"ckpt_path={last}"], "trainer.max_epochs", "trainer.max_epochs=2 is not allowed: 1, the length"
+    )
+
+
 def test_checkpoint_of_a_run_with_a_plugin_this_run_does_not_have(tmp_path: Path):
     state = _plugin_state(["sparsity=gmp"], "sparsity")
     path = _lightning_checkpoint(tmp_path / "gmp.ckpt", _digits_module(), callbacks=state)
