@@ -17,10 +17,12 @@ Norm = Callable[..., nn.Module]
 
 
 def _check_widths(key: str, values: Sequence[int], count: int | None = None) -> list[int]:
+    allowed = f"a list of {count} positive integers" if count else "a non-empty list of positive integers"
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):  # widths=5, null, abc
+        raise ConfigError(key, values, allowed)
     values = list(values)
     ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values) and values
     if not ok or (count is not None and len(values) != count):
-        allowed = f"{count} positive integers" if count else "a non-empty list of positive integers"
         raise ConfigError(key, values, allowed)
     return values
 

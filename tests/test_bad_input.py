@@ -194,7 +194,10 @@ VALUES = [
     mistake("module.lr=-1", says="module.lr=-1"),
     mistake("model.dropout=1.5", says="model.dropout=1.5"),
     mistake("model.widths=[32,64]", says="model.widths=[32,64] is not allowed"),  # the value as typed
-    mistake("model.widths=abc", says="model.widths=abc is not allowed: 3 positive integers"),
+    mistake("model.widths=abc", says="model.widths='abc' is not allowed: a list of 3 positive integers"),
+    mistake("model.widths=5", says="model.widths=5 is not allowed: a list of 3 positive integers"),
+    mistake("model.widths=null", says="model.widths=null is not allowed: a list of 3 positive integers"),
+    mistake("model=resnet1d", "model.kernels=3", says="model.kernels=3 is not allowed: a non-empty list"),
     mistake(*UCR, "data.name=Wafer", says="data.name='Wafer' is not allowed: one of the bundled sets"),
     mistake("norm=group", "norm.num_groups=5", says="norm.num_groups=5 is not allowed: a divisor of the 32 channels"),
 ]
