@@ -155,6 +155,7 @@ def check_config(cfg: DictConfig, defaults: DictConfig | None = None) -> None:
     ``optimized_metric``. Raises the first ConfigError found. The modules in ``imports`` are
     imported first: the names they register are then valid."""
     import_extensions(cfg)
+    check_interpolations(cfg)
     check_finite(cfg)
     _check_node(cfg, "", defaults)
     _check_top_level(cfg)
@@ -220,6 +221,26 @@ def check_finite(cfg: DictConfig | ListConfig, path: str = "") -> None:
             check_finite(value, key)
         elif isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(key, value, "a finite number (NaN and Inf are not settings)")
+
+
+def check_interpolations(cfg: DictConfig | ListConfig, path: str = "") -> None:
+    """An interpolation to a key that does not exist (``module.lr='${nothere}'``) is refused,
+    naming the key that holds it; resolvers that need Hydra's run time (``${hydra:...}``) are left
+    to it."""
+    from omegaconf.errors import InterpolationKeyError
+
+    names = range(len(cfg)) if isinstance(cfg, ListConfig) else [k for k in cfg.keys() if k != "hydra" or path]
+    for name in names:
+        key = _join(path, str(name))
+        try:
+            value = cfg[name]
+        except InterpolationKeyError:
+            raw = OmegaConf.to_container(cfg, resolve=False)[name]
+            raise ConfigError(key, raw, "an interpolation to a key of the config (${...} names none)") from None
+        except Exception:  # noqa: BLE001 - a resolver only Hydra's run time knows
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            check_interpolations(value, key)
 
 
 def _plain(value: Any) -> Any:

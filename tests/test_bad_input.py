@@ -108,6 +108,7 @@ UNKNOWN_KEYS = [
     mistake("sparsity=gmp", "sparsity.typo=1", says="closest: sparsity."),
     mistake("sparsity=gmp", "+sparsity.typo=1", says="closest: sparsity."),
     mistake("+sparsity.typo=1", says="choose sparsity="),
+    mistake("module.lr=${nothere}", says="module.lr='${nothere}' is not allowed: an interpolation to a key of the config"),
     # a key under a plugin left off: the whole key as typed, not the first part that is missing
     mistake("sparsity.schedule.end=0.5", says="sparsity.schedule.end=0.5 is not allowed: a key of sparsity, which has no keys"),
     mistake("constraints.rules.0.name=max_norm", says="constraints.rules.0.name='max_norm' is not allowed: a key of constraints"),
