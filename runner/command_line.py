@@ -131,7 +131,11 @@ def _check_group_options(overrides: Sequence[Any]) -> None:
         options = loader.get_group_options(group)
         values = _sweep_values(override) if override.is_sweep_override() else [override.value()]
         for value in values or []:
-            if value is not None and str(value) not in options and str(value) != "null":
+            if value is None or str(value) == "null":  # Hydra: "must be a string or a list", on no key
+                raise ConfigError(
+                    typed_key(override), None, f"one of {', '.join(options)} (~{group} leaves the group out)"
+                )
+            if str(value) not in options:
                 raise ConfigError(typed_key(override), value, f"one of {', '.join(options)}")
 
 
