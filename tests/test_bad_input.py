@@ -149,7 +149,7 @@ HYDRA_AND_LIGHTNING = [
     mistake("norm=banana", says="norm='banana' is not allowed: one of batch"),
     mistake("+experiment=nope", says="experiment='nope' is not allowed"),
     mistake("logger=splunk", says="logger='splunk' is not allowed"),
-    mistake("logger=null", says="logger=null is not allowed: one of csv"),  # named "overrides" before
+    mistake("logger=null", says="is not allowed: one of csv, many, tensorboard, wandb (~logger"),  # named "overrides" before
     mistake("trainer=tpu", says="trainer='tpu' is not allowed: one of cpu"),
     mistake("hydra/launcher=nope", says="hydra/launcher='nope' is not allowed: one of basic"),
     mistake("hydra/sweeper=nope", says="hydra/sweeper='nope' is not allowed: one of basic"),
