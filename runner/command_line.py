@@ -108,8 +108,7 @@ def check_command_line(argv: Sequence[str], conf_dir: Path, config_name: str = "
             groups = [o for o in variant if o is not None and repository.group_exists(o.key_or_group)]
             defaults = _compose(args.config_name or config_name, groups, overrides, strict=False)
             check_config(composed, defaults)
-            if multirun and sweeps:
-                _check_builds(composed)
+            _check_builds(composed)
         if multirun:
             _check_search_space(args.config_name or config_name, cfg, base, overrides)
             check_run_folder(str(cfg.hydra.sweep.dir), "hydra.sweep.dir")
@@ -161,21 +160,49 @@ def _with_value(override: Any, value: str) -> Any:
 
 
 def _check_builds(cfg: DictConfig) -> None:
-    """In a sweep: the data module, the model and the LightningModule of one swept variant, built
-    as its job will build them, so that a value their constructors refuse (``module.lr=-0.1``)
-    stops the sweep before its first job trains. Only their ConfigErrors count here: anything else
-    is left to the job, which says it the same way. Costs one small model build per swept value."""
+    """The data module, the model and the LightningModule of a run (of each swept variant), built
+    as its job will build them, before Hydra writes anything: a value their constructors refuse
+    (``data.batch_size=0``, ``module.lr=-0.1``) stops the run or the sweep there. Only their
+    ConfigErrors count: anything else is left to the job, which says it the same way. Then one
+    forward pass of two training samples: a model that cannot take the data's batches
+    (``model=resnet1d`` on the digits images) is refused naming ``model``. Costs one small build,
+    the data's loading and one small forward per run or swept value."""
     import hydra
 
     from runner.build import build_model
 
     try:
         datamodule = hydra.utils.instantiate(cfg.data, seed=cfg.seed)
-        build_model(cfg, datamodule)
-    except Exception as err:  # noqa: BLE001 - only a user's mistake stops the sweep here
+        module = build_model(cfg, datamodule)
+    except Exception as err:  # noqa: BLE001 - only a user's mistake stops the run here
         user_error = user_error_in(err)
         if user_error is not None:
             raise user_error from None
+        return
+    _check_forward(cfg, datamodule, module)
+
+
+def _check_forward(cfg: DictConfig, datamodule: Any, module: Any) -> None:
+    import torch
+
+    from plugins.core.modes import evaluating
+
+    try:
+        datamodule.setup("fit")
+        x = next(iter(datamodule.train_dataloader()))[0][:2]
+    except Exception:  # noqa: BLE001 - the data's own failures are the job's to say
+        return
+    try:
+        with torch.no_grad(), evaluating(module):
+            module(x)
+    except Exception as err:  # noqa: BLE001 - any failure of the model on the data's batch
+        reason = str(err).splitlines()[0] if str(err) else ""
+        raise ConfigError(
+            "model",
+            str(OmegaConf.select(cfg, "model._target_")),
+            f"a model that takes the batches of {OmegaConf.select(cfg, 'data._target_')} "
+            f"(inputs {list(x.shape)}; {type(err).__name__}: {reason})",
+        ) from None
 
 
 def _check_search_space(config_name: str, cfg: DictConfig, base: list[Any], typed: Sequence[Any]) -> None:

@@ -191,6 +191,7 @@ VALUES = [
     mistake("-m", "module.lr=0.01,-0.1", key="module.lr", says="module.lr=-0.1 is not allowed: a finite number > 0"),
     mistake("-m", "model.dropout=0.1,1.5", key="model.dropout", says="model.dropout=1.5"),
     mistake("data.batch_size=0", says="data.batch_size=0"),
+    mistake("model=resnet1d", says="model=resnet1d is not allowed: a model that takes the batches of models.DigitsDataModule"),
     mistake("data.denoise_lambda=-0.1", says="data.denoise_lambda=-0.1"),
     mistake("data.random_gain=0.5", says="data.random_gain=0.5"),
     mistake("module.lr=-1", says="module.lr=-1"),
@@ -363,6 +364,13 @@ def test_checkpoint_of_the_same_model_with_other_widths(tmp_path: Path):
     path = _lightning_checkpoint(tmp_path / "narrow.ckpt", _digits_module(widths=(16, 32, 64)))
     line = _assert_refused(tmp_path / "run", [f"ckpt_path={path}"], "ckpt_path", "tensors differ: ")
     assert "net.features.0.0.weight (checkpoint (16, 1, 3, 3) vs model (32, 1, 3, 3))" in line, line
+
+
+def test_a_value_only_a_constructor_refuses_writes_nothing_in_the_run_folder(tmp_path: Path):
+    """Refused before Hydra writes the run's .hydra/config.yaml (which overwrote a finished run's
+    record of its overrides)."""
+    _assert_refused(tmp_path / "run", ["data.batch_size=0"], "data.batch_size", "data.batch_size=0")
+    assert not (tmp_path / "run" / ".hydra").exists()
 
 
 def test_a_resume_with_another_max_epochs_is_refused(tmp_path: Path):
