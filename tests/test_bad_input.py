@@ -299,9 +299,12 @@ def test_any_number_summary_json_holds_is_an_optimized_metric(metric):
     check_optimized_metric(compose_config([f"optimized_metric={metric}"]))
 
 
-def test_a_search_space_drawing_only_allowed_values_passes_the_check(tmp_path: Path):
+def test_a_search_space_drawing_only_allowed_values_passes_the_check(tmp_path: Path, monkeypatch):
     """A fraction's interval(0.3, 1.0) is checked just inside its upper end, which the sampler
     never reaches: no refusal of a space every trial can run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # as before Hydra runs (compose_config sets it)
     space = '{sparsity.schedule.end: "interval(0.3, 1.0)", module.lr: "tag(log, interval(0.0003, 0.01))"}'
     check_command_line([*OPTUNA, f"++hydra.sweeper.params={space}", f"hydra.sweep.dir={tmp_path}"], CONF)
 
