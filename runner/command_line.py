@@ -72,7 +72,7 @@ def check_command_line(argv: Sequence[str], conf_dir: Path, config_name: str = "
     which Hydra runs no job (``--help``, ``--cfg``, ...) and other config folders are Hydra's.
     """
     args = parse_flags(argv)
-    if args is None or any(getattr(args, flag, None) for flag in _INFO_FLAGS):
+    if any(getattr(args, flag, None) for flag in _INFO_FLAGS):
         return
     if args.config_path or args.config_dir:
         return

@@ -59,7 +59,7 @@ def _typed_values(argv: Sequence[str]) -> dict[str, tuple[str, Any]]:
     one value (no sweep)."""
     try:
         args = parse_flags(argv)
-        overrides = parse_overrides(args.overrides) if args is not None else []
+        overrides = parse_overrides(args.overrides)
     except ConfigError:  # not a command line of train.py (a test runner's): nothing typed
         return {}
     keys = [typed_key(o) for o in overrides]
