@@ -141,7 +141,12 @@ def unknown_key(key: str, names: Sequence[str], where: str) -> str:
 def import_extensions(cfg: DictConfig) -> None:
     """Import the modules named in ``imports``: they register their own schedule kinds, criteria,
     norm kinds and constraints, which the config may then name."""
-    for i, name in enumerate(cfg.get("imports") or []):
+    imports = cfg.get("imports") or []
+    if not isinstance(imports, (list, ListConfig)) or not all(isinstance(name, str) for name in imports):
+        raise ConfigError(
+            "imports", _plain(imports), "a list of importable module names, imports=[mylab.extensions]"
+        )
+    for i, name in enumerate(imports):
         try:
             importlib.import_module(str(name))
         except ImportError as err:

@@ -108,6 +108,7 @@ UNKNOWN_KEYS = [
     mistake("sparsity=gmp", "sparsity.typo=1", says="closest: sparsity."),
     mistake("sparsity=gmp", "+sparsity.typo=1", says="closest: sparsity."),
     mistake("+sparsity.typo=1", says="choose sparsity="),
+    mistake("imports=nonexistent_mod", says="imports='nonexistent_mod' is not allowed: a list of importable module names"),
     mistake("module.lr=${nothere}", says="module.lr='${nothere}' is not allowed: an interpolation to a key of the config"),
     # a key under a plugin left off: the whole key as typed, not the first part that is missing
     mistake("sparsity.schedule.end=0.5", says="sparsity.schedule.end=0.5 is not allowed: a key of sparsity, which has no keys"),
@@ -221,6 +222,7 @@ PLUGINS = [
     ),
     mistake("pruning=l1", "pruning.method=magic", says="pruning.method='magic' is not allowed: one of the registered pruning criterions: bn_scale, dense_gradient, fpgm, l1, l2, random, taylor"),
     mistake("pruning=l1", "pruning.include=[nomatch*]", says="pruning.include='nomatch*'"),
+    mistake("pruning=l1", "pruning.include=[]", says="pruning.include=[] is not allowed: a non-empty list of globs"),
     mistake(
         "constraints=non_negative", "constraints.rules.0.name=positive",
         says="constraints.rules.0.name='positive' is not allowed: one of the registered constraints",

@@ -142,6 +142,8 @@ def select_parameters(
     if isinstance(exclude, str):
         exclude = [exclude]
     types = resolve_module_types(module_types or (), f"{key}.module_types")
+    if not include:  # else the empty selection would be blamed on exclude
+        raise ConfigError(f"{key}.include", list(include), "a non-empty list of globs (['*weight']: every weight)")
     owned = _all_tensors(model)
     candidates = [t for t in owned if not types or isinstance(t.module, types)]
     chosen: list[Target] = []
