@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plugins.core.blocked_gemm import fused_weight_gradient
 from plugins.core.mask_forms import held_zeros
 from plugins.core.masked_linear import BLOCK_BYTES
 from plugins.core.masks import bake, ensure_mask, get_mask, set_mask
@@ -110,21 +111,26 @@ def test_a_copy_trains_plainly_and_a_baked_model_is_a_plain_linear(one_thread):
     torch.save(model.net, io.BytesIO())  # a baked model pickles: nothing of the route is left on it
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 1000), (1000,)], ids=["sequence", "one_sample"])
-def test_inputs_of_any_shape_get_autograds_gradients_times_the_mask(one_thread, shape):
+def masked_and_plain(rows: int = 600) -> tuple[nn.Linear, nn.Linear, torch.Tensor, object]:
+    """A rows x 1000 Linear masked in place (90% zeros), a plain Linear with the same weights times
+    the mask, the mask, and the model's HeldZeros."""
     torch.manual_seed(0)
-    layer, plain = nn.Linear(1000, 600), nn.Linear(1000, 600)
+    layer, plain = nn.Linear(1000, rows), nn.Linear(1000, rows)
     plain.load_state_dict(layer.state_dict())
-    keep = torch.rand(600, 1000) > 0.9
+    keep = torch.rand(rows, 1000) > 0.9
     with torch.no_grad():
         plain.weight.mul_(keep)
-    model = nn.Sequential(layer)
     ensure_mask(layer, "weight", inplace=True)
     set_mask(layer, "weight", keep)
-    held = held_zeros(model)
+    return layer, plain, keep, held_zeros(nn.Sequential(layer))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 1000), (1000,)], ids=["sequence", "one_sample"])
+def test_inputs_of_any_shape_get_autograds_gradients_times_the_mask(one_thread, shape):
+    layer, plain, keep, held = masked_and_plain()
     x = torch.randn(shape)
     ours_in, theirs_in = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    model(ours_in).pow(2).sum().backward()
+    layer(ours_in).pow(2).sum().backward()
     plain(theirs_in).pow(2).sum().backward()
     held.zero_gradients(step=0)
     assert held.backward_zeroed == {"0.weight"}
@@ -144,3 +150,18 @@ def test_torch_func_transforms_see_the_plain_forward(one_thread):
     per_sample = torch.func.vmap(torch.func.grad(lambda row: model(row).pow(2).sum()))(x)
     expected = torch.stack([torch.autograd.grad(model(row).pow(2).sum(), row)[0] for row in x.clone().requires_grad_(True)])
     torch.testing.assert_close(per_sample, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [600, 525], ids=["blocks_524_76", "one_row_left"])
+def test_the_compiled_block_loop_gives_autograds_gradient_times_the_mask_bit_for_bit(one_thread, rows):
+    # torch's own BLAS routine, called block by block from one compiled function
+    # (plugins/core/blocked_gemm.py), in blocks of 524 rows of 4000 bytes: 600 rows give blocks of
+    # 524 and 76; of 525 rows, the one left joins the block before (alone, it rounds differently).
+    assert fused_weight_gradient(torch.float32) is not None  # else the slower block loop in Python
+    layer, plain, keep, held = masked_and_plain(rows)
+    x = torch.randn(1000, 33).t()  # not contiguous
+    layer(x).sum().backward()  # an expanded gradient: stride 0
+    plain(x).sum().backward()
+    held.zero_gradients(step=0)
+    assert held.backward_zeroed == {"0.weight"}
+    assert torch.equal(layer.parametrizations.weight.original.grad, plain.weight.grad * keep)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ByteMask", "compiled_loop", "fits_byte_loop", "zero_under"]
+__all__ = ["ByteMask", "compiled_loop", "fits_byte_layout", "fits_byte_loop", "zero_under"]
 
 _KERNEL: Any = None
 _UNAVAILABLE = object()
@@ -102,16 +102,20 @@ def compiled_loop() -> Any:
     return None if kernel is _UNAVAILABLE else kernel
 
 
-def fits_byte_loop(grad: torch.Tensor, buffer: torch.Tensor) -> bool:
-    """Whether the loop may zero ``grad`` (or the gradient of a tensor like it) under ``buffer``."""
+def fits_byte_layout(grad: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether ``grad`` (or the gradient of a tensor like it) is one the loop can zero under ``buffer``."""
     return (
         grad.layout == torch.strided  # a sparse gradient (Embedding(sparse=True)) has no contiguity to ask
         and grad.device.type == "cpu"
         and grad.dtype in (torch.float32, torch.float64)
         and grad.shape == buffer.shape
         and grad.is_contiguous()
-        and torch.get_num_threads() == 1
     )
+
+
+def fits_byte_loop(grad: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether the loop may zero ``grad`` under ``buffer`` now: that layout, torch on one thread."""
+    return fits_byte_layout(grad, buffer) and torch.get_num_threads() == 1
 
 
 @torch.no_grad()

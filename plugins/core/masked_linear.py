@@ -4,13 +4,16 @@ The in-place mask form zeroes each masked gradient once per step (:mod:`plugins.
 After backward that pass reads and writes the whole gradient from memory: a 2048x2048 gradient is
 16 MiB, far more than a core's cache, and on the MLP 3x2048 this pass is about all the in-place
 form costs over a dense step. Here the backward of a masked ``Linear`` computes its weight gradient
-in blocks of rows of about 1 MiB (:data:`BLOCK_BYTES`, under a core's L2) and zeroes each block
-under the one-byte mask (:mod:`plugins.core.byte_mask`) right after the matrix product wrote it,
-while it is still in cache. The values are those of autograd's own ``Linear`` backward: the same
+in blocks of rows and zeroes each block under the one-byte mask (:mod:`plugins.core.byte_mask`)
+right after the matrix product wrote it, while it is still in cache. In float32 one compiled call
+walks blocks of about 2 MiB (:mod:`plugins.core.blocked_gemm`: torch's own BLAS routine, no Python
+between blocks); in float64, or where that call is not available, Python drives blocks of about
+1 MiB (:data:`BLOCK_BYTES`). The values are those of autograd's own ``Linear`` backward: the same
 products (rows of ``grad_output.T @ input``), then the same product with the mask.
 
-What it costs: one Python call per masked ``Linear`` in forward and in backward (microseconds), no
-extra memory. It is taken only where it is exact and pays, all of these at once: a module whose
+What it costs: one Python call per masked ``Linear`` in forward and in backward (more than its few
+lines suggest: the product before it has pushed the interpreter's data out of the cache), no extra
+memory. It is taken only where it is exact and pays, all of these at once: a module whose
 forward is ``nn.Linear``'s; its weight of at least one block, owned by it alone, masked in place
 (not tied, no capture of the dense gradient); the CPU, float32 or float64, one intra-op thread
 (as the one-byte loop); grad mode on, no autocast, not inside ``torch.compile``, ``torch.export``,
@@ -35,7 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from plugins.core.byte_mask import ByteMask, compiled_loop, fits_byte_loop
+from plugins.core.blocked_gemm import BLOCK_BYTES as FUSED_BLOCK_BYTES
+from plugins.core.blocked_gemm import MIN_ROWS, fused_weight_gradient
+from plugins.core.byte_mask import ByteMask, compiled_loop, fits_byte_layout
 
 __all__ = ["BLOCK_BYTES", "LinearRoute", "route_linear", "unroute_linear"]
 
@@ -52,19 +57,29 @@ class LinearRoute:
         self.mask, self.byte_mask = mask, byte_mask
         self._enabled = enabled  # a callable: False turns the route off (HeldZeros.byte_loop)
         self._returned: tuple[int, int] | None = None
+        self._fits_key: tuple[int, int] | None = None  # the storages _fits was found for
+        self._fits = False
 
     def takes(self, input: torch.Tensor, weight: torch.Tensor) -> bool:
+        # Called in every forward, right after the previous layer's product pushed the interpreter
+        # out of the cache: what can only change with the tensors' storage is checked once per storage.
+        buffer = self.mask._buffers["mask"]
+        key = (weight.data_ptr(), buffer.data_ptr())
+        if key != self._fits_key:
+            self._fits_key = key
+            self._fits = weight.numel() * weight.element_size() >= BLOCK_BYTES and fits_byte_layout(weight, buffer)
         return (
-            self._enabled()
+            self._fits
+            and self._enabled()
             and torch.is_grad_enabled()
             and weight.requires_grad
-            and not self.mask.capture
-            and input.device == weight.device
+            and input.is_cpu
             and input.dtype == weight.dtype
-            and weight.numel() * weight.element_size() >= BLOCK_BYTES
-            and fits_byte_loop(weight, self.mask.mask)
+            and weight.is_contiguous()
+            and not self.mask.capture
+            and torch.get_num_threads() == 1
             and not torch.is_autocast_enabled("cpu")
-            and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+            and not _distributed()
         )
 
     def weight_gradient(self, grad_output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
@@ -77,11 +92,17 @@ class LinearRoute:
         rows, columns = grad_output.shape[1], input.shape[1]
         grad = torch.empty((rows, columns), dtype=input.dtype, device=input.device)
         flat, transposed = grad.view(-1).numpy(), grad_output.t()
-        block = max(1, BLOCK_BYTES // (columns * grad.element_size()))
-        for start in range(0, rows, block):
-            stop = min(start + block, rows)
-            torch.mm(transposed[start:stop], input, out=grad[start:stop])
-            loop(flat[start * columns : stop * columns], bytes_[start * columns : stop * columns])
+        fused = fused_weight_gradient(grad.dtype)
+        if fused is not None:
+            operands = grad_output.detach().contiguous().numpy(), input.detach().contiguous().numpy()
+            fused(flat, *operands, bytes_, max(MIN_ROWS, FUSED_BLOCK_BYTES // (columns * grad.element_size())))
+        else:  # blocks driven from Python (float64, or no BLAS routine to call)
+            block, start = max(MIN_ROWS, BLOCK_BYTES // (columns * grad.element_size())), 0
+            while start < rows:
+                stop = rows if start + block + MIN_ROWS > rows else start + block
+                torch.mm(transposed[start:stop], input, out=grad[start:stop])
+                loop(flat[start * columns : stop * columns], bytes_[start * columns : stop * columns])
+                start = stop
         self._returned = (grad.data_ptr(), grad._version)
         return grad
 
@@ -115,6 +136,11 @@ class _MaskedWeightGrad(torch.autograd.Function):
                 grad_weight = ctx.route.weight_gradient(grad_output, input)
         grad_bias = grad_output.sum(0) if need_bias else None
         return grad_input, grad_weight, grad_bias, None
+
+
+def _distributed() -> bool:
+    # DDP all-reduces the gradient after backward and rewrites the masks at every step.
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _transforms_active() -> bool:
