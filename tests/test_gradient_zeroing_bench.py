@@ -22,8 +22,10 @@ def test_bench_quick_times_every_way_against_the_float_product(tmp_path) -> None
         rows = table[cache]
         assert "one-byte loop (ours)" in rows and rows["grad.mul_(float mask)"]["x_float_product"] == 1.0
     rows = table["with_product"]
-    assert "in backward, block by block (ours)" in rows and bench_gradient_zeroing.DENSE in rows
+    assert "in backward, block by block, one compiled call (ours)" in rows and bench_gradient_zeroing.DENSE in rows
+    assert "in backward, block by block from Python" in rows
     assert rows["product, then grad.mul_(float mask)"]["x_float_product"] == 1.0
+    assert rows[bench_gradient_zeroing.DENSE]["over_product"] == 0.0
     for rows in table.values():
         assert all(row["lo"] <= row["ms"] <= row["hi"] for row in rows.values())
     assert json.loads((tmp_path / "gradient_zeroing.json").read_text())["table"] == table
