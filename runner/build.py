@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from plugins.core.errors import ConfigError
 from runner.checkpoints import LastCheckpoint, RandomState, best_checkpoint
 from runner.console import EpochLine, HeadlineProgressBar
+from runner.validation import CALLBACK_CONFIG
 
-__all__ = ["build_model", "build_plugins", "build_loggers", "build_callbacks", "close_loggers"]
+__all__ = ["build_model", "build_plugins", "build_loggers", "build_callbacks", "build_user_callbacks", "close_loggers"]
 
 
 def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.LightningModule:
@@ -55,15 +56,45 @@ def build_loggers(cfg: DictConfig, resume_step: int | None = None) -> list[Any]:
     return loggers
 
 
+def build_user_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The user's own callbacks (``+callbacks.NAME={_target_: ...}``; ``callbacks.NAME=null`` leaves
+    one out), each a Lightning ``Callback``; a ConfigError naming ``callbacks.NAME`` for one that
+    is not a config with ``_target_``, does not build, or builds something else. ``train.py``
+    builds them before Hydra writes anything (runner/command_line.py) and again in the job."""
+    nodes = cfg.get("callbacks")
+    if nodes is None:
+        return []
+    if not isinstance(nodes, DictConfig):
+        value = OmegaConf.to_container(nodes) if OmegaConf.is_config(nodes) else nodes
+        raise ConfigError("callbacks", value, CALLBACK_CONFIG)
+    callbacks = []
+    for name, node in nodes.items():
+        key = f"callbacks.{name}"
+        if not node:
+            continue
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            value = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+            raise ConfigError(key, value, CALLBACK_CONFIG)
+        try:
+            callback = hydra.utils.instantiate(node, _convert_="all")
+        except Exception as err:  # noqa: BLE001 - the user's class or its arguments: said in one line
+            cause = err.__cause__ or err
+            reason = " ".join(str(cause).split()) or type(cause).__name__
+            allowed = f"a Lightning Callback that builds ({type(cause).__name__}: {reason})"
+            raise ConfigError(key, OmegaConf.to_container(node), allowed) from None
+        if not isinstance(callback, L.Callback):
+            raise ConfigError(
+                key, str(node._target_), f"the class of a Lightning Callback (it built a {type(callback).__name__})"
+            )
+        callbacks.append(callback)
+    return callbacks
+
+
 def build_callbacks(cfg: DictConfig, output_dir: Path, plugins: list[L.Callback]) -> list[L.Callback]:
     """Plugins first (their epoch-end work is in the checkpoint), then the user's extra callbacks,
     the random state, the checkpoints: last.ckpt (resume) and the best epoch (ckpt_path="best"), and
     the console (a progress bar on a terminal, an epoch line elsewhere), both with the plugins' headlines."""
-    extra = [
-        hydra.utils.instantiate(node, _convert_="all")
-        for node in (cfg.get("callbacks") or {}).values()
-        if node
-    ]
+    extra = build_user_callbacks(cfg)
     checkpoint = cfg.get("checkpoint") or {}
     callbacks: list[L.Callback] = [
         *plugins,

@@ -165,12 +165,14 @@ def _check_builds(cfg: DictConfig) -> None:
     (``data.batch_size=0``, ``module.lr=-0.1``) stops the run or the sweep there. Only their
     ConfigErrors count: anything else is left to the job, which says it the same way. Then one
     forward pass of two training samples: a model that cannot take the data's batches
-    (``model=resnet1d`` on the digits images) is refused naming ``model``. Costs one small build,
-    the data's loading and one small forward per run or swept value."""
+    (``model=resnet1d`` on the digits images) is refused naming ``model``. The user's own callbacks
+    are built first (``+callbacks.NAME=...``). Costs one small build, the data's loading and one
+    small forward per run or swept value."""
     import hydra
 
-    from runner.build import build_model
+    from runner.build import build_model, build_user_callbacks
 
+    build_user_callbacks(cfg)  # its own ConfigError names callbacks.NAME
     try:
         datamodule = hydra.utils.instantiate(cfg.data, seed=cfg.seed)
         module = build_model(cfg, datamodule)

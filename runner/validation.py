@@ -178,9 +178,11 @@ def _check_top_level(cfg: DictConfig) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
         raise ConfigError("seed", seed, f"an integer in [0, {SEED_MAX}] (what numpy's generator takes)")
     task = cfg.get("task_name", None)
-    if not isinstance(task, str) or not task.strip():
+    if not isinstance(task, str) or not task.strip() or len(task.encode()) > NAME_MAX:
         raise ConfigError(
-            "task_name", _plain(task), "a non-empty name (it names the output folder and the dashboards' project)"
+            "task_name",
+            _plain(task),
+            f"a non-empty name of at most {NAME_MAX} bytes (it names the output folder and the dashboards' project)",
         )
     tags = cfg.get("tags", None)
     if tags is not None and not (isinstance(tags, ListConfig) and all(isinstance(t, str) for t in tags)):
@@ -257,16 +259,30 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def locate(node: DictConfig) -> Callable | None:
+def _get_object(target: str) -> Any:
     from hydra.utils import get_object
 
+    log = logging.getLogger("hydra.utils")
+    disabled, log.disabled = log.disabled, True  # get_object logs what it raises: the one line says it
+    try:
+        return get_object(target)
+    finally:
+        log.disabled = disabled
+
+
+def locate(node: DictConfig) -> Callable | None:
+    """The class or function ``node._target_`` names, or ``None`` where it names none."""
     target = node.get("_target_")
     if not isinstance(target, str):
         return None
     try:
-        return get_object(target)
-    except Exception:  # noqa: BLE001 - an unknown _target_ is reported by instantiate
+        return _get_object(target)
+    except Exception:  # noqa: BLE001 - _check_target names a _target_ that cannot be imported
         return None
+
+
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+CALLBACK_CONFIG = "a callback config with _target_, the class of a Lightning Callback: +callbacks.NAME={_target_: ...}"
 
 
 def _check_node(node: DictConfig, path: str, defaults: DictConfig | None) -> None:
@@ -283,6 +299,8 @@ def _check_node(node: DictConfig, path: str, defaults: DictConfig | None) -> Non
         if defaults is not None:
             default = next((v for n, v in _children(defaults) if n == name), _UNSET)
             if name not in defaults and not (isinstance(value, DictConfig) and "_target_" in value):
+                if path == "callbacks":  # the user's own callbacks, by any name
+                    raise ConfigError(key, _plain(value), CALLBACK_CONFIG)
                 names = [str(k) for k in defaults if k != "hydra"]
                 raise ConfigError(key, _plain(value), unknown_key(key, names, path or "the config"))
         if isinstance(value, DictConfig):
@@ -301,10 +319,17 @@ def _check_node(node: DictConfig, path: str, defaults: DictConfig | None) -> Non
 
 
 def _check_target(node: DictConfig, path: str) -> None:
-    target = locate(node)
-    if target is None:
+    label = node.get("_target_")
+    if not isinstance(label, str):
         return
-    _check_call(target, str(node._target_), node, path, skip_private=True)
+    try:
+        target = _get_object(label)
+    except Exception as err:  # noqa: BLE001 - a typo in a module or class name: said in one line
+        reason = one_line(str(err)) or type(err).__name__
+        raise ConfigError(
+            _join(path, "_target_"), label, f"an importable class or function ({type(err).__name__}: {reason})"
+        ) from None
+    _check_call(target, label, node, path, skip_private=True)
 
 
 def _check_call(target: Callable, label: str, node: DictConfig, path: str, skip_private: bool = False) -> None:

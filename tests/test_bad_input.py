@@ -175,6 +175,18 @@ HYDRA_AND_LIGHTNING = [
     mistake("trainer.limit_test_batches=0.001", says="a fraction that leaves at least one of the 5 test batches"),
     mistake("trainer.limit_train_batches=0.0001", says="trainer.limit_train_batches=0.0001"),
     mistake("task_name=", says="task_name='' is not allowed: a non-empty name"),
+    # One file name holds at most 255 bytes: a longer task_name was an OSError naming hydra.run.dir.
+    mistake("task_name=" + "a" * 256, says="a non-empty name of at most 255 bytes"),
+    # The user's own callbacks are built before anything is written (a Hydra error with exit 1 before).
+    mistake("+callbacks.stop={_target_: nope.Nope}", says="callbacks.stop._target_='nope.Nope' is not allowed"),
+    # A _target_ that cannot be imported, anywhere: Hydra's error and exit 1 before.
+    mistake("sparsity=hardshrink", "sparsity._target_=plugins.sparsity.Nope", says="an importable class or function"),
+    mistake("+callbacks.stop={_target_: torch.nn.Identity}", says="the class of a Lightning Callback"),
+    mistake("+callbacks.stop=5", says="a callback config with _target_"),
+    mistake(
+        "+callbacks.stop={_target_: lightning.pytorch.callbacks.EarlyStopping, monitor: val/acc, mode: up}",
+        says="`mode` can be min, max, got up",
+    ),
     mistake("tags=5", says="tags=5 is not allowed: a list of words"),
     mistake("-m", "module.lr=0.001,nan", says="module.lr=nan"),
     mistake("-m", "norm=batch,banana", key="norm", says="norm='banana'"),
