@@ -137,8 +137,8 @@ if __name__ == "__main__":
     command_line.info_to_stdout()
     try:
         command_line.check_group_choices(sys.argv[1:], CONF)
-        command_line.check_command_line(sys.argv[1:], CONF)
-        lock_explicit_run_folder(sys.argv[1:])
+        run_dir = command_line.check_command_line(sys.argv[1:], CONF)
+        lock_explicit_run_folder(sys.argv[1:], run_dir)
     except ConfigError as err:
         command_line.exit_with(err)
     main()

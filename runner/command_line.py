@@ -62,7 +62,7 @@ def info_to_stdout() -> None:
 # --- the command line, before Hydra --------------------------------------------------------------
 
 
-def check_command_line(argv: Sequence[str], conf_dir: Path, config_name: str = "train") -> None:
+def check_command_line(argv: Sequence[str], conf_dir: Path, config_name: str = "train") -> str | None:
     """What ``python train.py ARGV`` would get wrong, found before Hydra creates a run folder.
 
     Hydra's own errors (a malformed override, an unknown group option such as
@@ -70,12 +70,16 @@ def check_command_line(argv: Sequence[str], conf_dir: Path, config_name: str = "
     naming the key as typed; then :func:`check_config` runs on the config composed as Hydra will
     compose it (in a multirun: once per swept value), and the run folder is checked. Flags after
     which Hydra runs no job (``--help``, ``--cfg``, ...) and other config folders are Hydra's.
+
+    Returns:
+        A single run's folder, ``hydra.run.dir`` resolved as composed (``None`` for a multirun or a
+        run Hydra's flags leave unchecked).
     """
     args = parse_flags(argv)
     if any(getattr(args, flag, None) for flag in _INFO_FLAGS):
-        return
+        return None
     if args.config_path or args.config_dir:
-        return
+        return None
     overrides = parse_overrides(args.overrides)
 
     from hydra import initialize_config_dir
@@ -109,12 +113,15 @@ def check_command_line(argv: Sequence[str], conf_dir: Path, config_name: str = "
             defaults = _compose(args.config_name or config_name, groups, overrides, strict=False)
             check_config(composed, defaults)
             _check_builds(composed)
+        run_dir = None
         if multirun:
             _check_search_space(args.config_name or config_name, cfg, base, overrides)
             check_run_folder(str(cfg.hydra.sweep.dir), "hydra.sweep.dir")
         else:
-            check_run_folder(str(cfg.hydra.run.dir), "hydra.run.dir")
+            run_dir = str(cfg.hydra.run.dir)
+            check_run_folder(run_dir, "hydra.run.dir")
     GlobalHydra.instance().clear()
+    return run_dir
 
 
 def _check_group_options(overrides: Sequence[Any]) -> None:

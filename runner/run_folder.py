@@ -64,13 +64,20 @@ def unlock_run_folder(run_dir: str | Path) -> None:
         os.close(fd)
 
 
-def lock_explicit_run_folder(argv: list[str]) -> None:
+def lock_explicit_run_folder(argv: list[str], resolved: str | None = None) -> None:
     """Before Hydra writes ``.hydra/`` into it: lock the folder a single run names with
-    ``hydra.run.dir=``, so that a second run into a folder in use changes nothing there.
+    ``hydra.run.dir=``, so that a second run into a folder in use changes nothing there. A value
+    with interpolations is the folder ``resolved`` (as composed: ``${task_name}`` is the run's
+    task name, not a folder of that literal name), except one with the time in it
+    (``${now:...}``), which Hydra resolves again later: the job locks that one when it starts.
     DDP's extra processes (``LOCAL_RANK`` > 0) share their job's folder and take no lock."""
     if os.environ.get("LOCAL_RANK", "0") not in ("", "0") or {"-m", "--multirun"} & set(argv):
         return
     for arg in argv:
         name, sep, value = arg.partition("=")
         if sep and name.lstrip("+") == "hydra.run.dir" and value:
-            lock_run_folder(value.strip("'\""))
+            value = value.strip("'\"")
+            if "${" not in value:
+                lock_run_folder(value)
+            elif resolved is not None and "${now:" not in value.replace(" ", ""):
+                lock_run_folder(resolved)
