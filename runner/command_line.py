@@ -112,7 +112,7 @@ def check_command_line(argv: Sequence[str], conf_dir: Path, config_name: str = "
             groups = [o for o in variant if o is not None and repository.group_exists(o.key_or_group)]
             defaults = _compose(args.config_name or config_name, groups, overrides, strict=False)
             check_config(composed, defaults)
-            _check_builds(composed)
+            module = _check_builds(composed)
         run_dir = None
         if multirun:
             _check_search_space(args.config_name or config_name, cfg, base, overrides)
@@ -120,6 +120,9 @@ def check_command_line(argv: Sequence[str], conf_dir: Path, config_name: str = "
         else:
             run_dir = str(cfg.hydra.run.dir)
             check_run_folder(run_dir, "hydra.run.dir")
+            from runner.resume_check import check_resume  # torch and Lightning: only for a run
+
+            check_resume(cfg, module, run_dir)
     GlobalHydra.instance().clear()
     return run_dir
 
@@ -166,15 +169,15 @@ def _with_value(override: Any, value: str) -> Any:
     return OverridesParser.create().parse_override(f"{override.get_key_element()}={value}")
 
 
-def _check_builds(cfg: DictConfig) -> None:
+def _check_builds(cfg: DictConfig) -> Any:
     """The data module, the model and the LightningModule of a run (of each swept variant), built
     as its job will build them, before Hydra writes anything: a value their constructors refuse
     (``data.batch_size=0``, ``module.lr=-0.1``) stops the run or the sweep there. Only their
     ConfigErrors count: anything else is left to the job, which says it the same way. Then one
     forward pass of two training samples: a model that cannot take the data's batches
     (``model=resnet1d`` on the digits images) is refused naming ``model``. The user's own callbacks
-    are built first (``+callbacks.NAME=...``). Costs one small build, the data's loading and one
-    small forward per run or swept value."""
+    are built first (``+callbacks.NAME=...``). Returns the LightningModule (``None`` where it did not
+    build). Costs one small build, the data's loading and one small forward per run or swept value."""
     import hydra
 
     from runner.build import build_model, build_user_callbacks
@@ -187,8 +190,9 @@ def _check_builds(cfg: DictConfig) -> None:
         user_error = user_error_in(err)
         if user_error is not None:
             raise user_error from None
-        return
+        return None
     _check_forward(cfg, datamodule, module)
+    return module
 
 
 def _check_forward(cfg: DictConfig, datamodule: Any, module: Any) -> None:

@@ -519,3 +519,16 @@ def test_a_negative_dim_is_exactly_its_positive_alias():
     for name in masks[0]:
         assert torch.equal(masks[0][name], masks[-4][name]), name
 
+
+
+def test_a_refused_resume_in_a_killed_runs_folder_leaves_its_record_as_it_was(tmp_path: Path):
+    """``ckpt_path=last`` with another ``trainer.max_epochs``, in the run's own folder: refused
+    before Hydra writes (the job refused it after Hydra had rewritten .hydra/overrides.yaml)."""
+    run_dir = tmp_path / "run"
+    assert run_train_cli([*SHORT, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], timeout=300).returncode == 0
+    (run_dir / "summary.json").unlink()  # as a run killed after its last checkpoint leaves it
+    record = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+    result = run_train_cli([*SHORT, "ckpt_path=last", f"hydra.run.dir={run_dir}"], timeout=180)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().startswith("error: trainer.max_epochs=2 is not allowed: 1, the length"), result.stderr
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == record
