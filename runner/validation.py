@@ -72,6 +72,8 @@ CLASSIFIER_METRICS = tuple(f"{stage}/{name}" for stage in ("val", "test") for na
 CLASSIFIER_TRAIN_METRICS = ("train/acc", "train/f1", "train/loss_epoch")
 CLASSIFIER_TARGETS = ("models.Classifier", "models.classifier.Classifier")
 SEED_MAX = 2**32 - 1
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+CALLBACK_CONFIG = "a callback config with _target_, the class of a Lightning Callback: +callbacks.NAME={_target_: ...}"
 # What ModelCheckpoint can monitor on the Classifier: its logged metrics (train/loss also per step).
 CLASSIFIER_MONITORS = tuple(f"{stage}/{name}" for stage in ("train", "val") for name in _CLASSIFIER_LOGS) + (
     "train/loss_step",
@@ -279,10 +281,6 @@ def locate(node: DictConfig) -> Callable | None:
         return _get_object(target)
     except Exception:  # noqa: BLE001 - _check_target names a _target_ that cannot be imported
         return None
-
-
-NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
-CALLBACK_CONFIG = "a callback config with _target_, the class of a Lightning Callback: +callbacks.NAME={_target_: ...}"
 
 
 def _check_node(node: DictConfig, path: str, defaults: DictConfig | None) -> None:

@@ -13,19 +13,26 @@ from pathlib import Path
 from tests.conftest import FAST, ROOT, run_train_cli
 
 
-def test_second_run_into_a_folder_in_use_is_refused_and_the_first_finishes_intact(tmp_path: Path):
-    run_dir, log = tmp_path / "run", tmp_path / "first.log"
-    slow = f"+callbacks.steps={{_target_: tests.helpers.StepLog, path: '{log}', sleep: 3.0}}"
-    first = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *FAST, "seed=0", slow, f"hydra.run.dir={run_dir}"],
+def start_training(args: list[str], log: Path) -> subprocess.Popen:
+    """``train.py`` started with ``args`` (whose StepLog callback writes ``log``), returned once it
+    trains: once ``log`` exists."""
+    run = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *FAST, *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     deadline = time.time() + 120
-    while not log.exists() and time.time() < deadline and first.poll() is None:
-        time.sleep(0.1)  # the first run is training
+    while not log.exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.1)
+    return run
+
+
+def test_second_run_into_a_folder_in_use_is_refused_and_the_first_finishes_intact(tmp_path: Path):
+    run_dir, log = tmp_path / "run", tmp_path / "first.log"
+    slow = f"+callbacks.steps={{_target_: tests.helpers.StepLog, path: '{log}', sleep: 3.0}}"
+    first = start_training(["seed=0", slow, f"hydra.run.dir={run_dir}"], log)
     second = run_train_cli([*FAST, "seed=1", f"hydra.run.dir={run_dir}"], timeout=120)
     out, err = first.communicate(timeout=300)
 
@@ -43,16 +50,7 @@ def test_a_folder_named_with_the_task_name_is_locked_as_resolved(tmp_path: Path)
     # (which two runs of different tasks would share, and which was created, empty, beside them).
     typed, log = f"hydra.run.dir={tmp_path}/${{task_name}}/run", tmp_path / "first.log"
     slow = f"+callbacks.steps={{_target_: tests.helpers.StepLog, path: '{log}', sleep: 10.0}}"
-    first = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *FAST, "task_name=a", slow, typed],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 120
-    while not log.exists() and time.time() < deadline and first.poll() is None:
-        time.sleep(0.1)  # the first run is training, in tmp_path/a/run
+    first = start_training(["task_name=a", slow, typed], log)  # training, in tmp_path/a/run
     other_task = run_train_cli([*FAST, "task_name=b", typed], timeout=120)
     same_task = run_train_cli([*FAST, "task_name=a", typed], timeout=120)
     out, err = first.communicate(timeout=300)

@@ -39,8 +39,8 @@ BLOCK_BYTES = 2 << 20
 # block has at least this many rows, a shorter rest joins the block before it.
 MIN_ROWS = 16
 
-_FUSED: dict[torch.dtype, Any] | None = None
-
+_FUSED: Any = None
+_UNAVAILABLE = object()
 
 def _blas(name: str) -> Any:
     # libtorch_cpu is loaded already (import torch): CDLL returns that same library.
@@ -97,39 +97,36 @@ def _compile(gemm: Any, multiply: Any) -> Any:
     return weight_gradient
 
 
-def _same_as_torch(kernel: Any, dtype: torch.dtype) -> bool:
+def _same_as_torch(kernel: Any) -> bool:
     # Odd sizes, a long sum and several blocks: another routine or order would round differently.
     generator = torch.Generator().manual_seed(0)
-    grad_output = torch.randn(67, 83, dtype=dtype, generator=generator)
-    input = torch.randn(67, 29, dtype=dtype, generator=generator)
+    grad_output = torch.randn(67, 83, generator=generator)
+    input = torch.randn(67, 29, generator=generator)
     keep = torch.rand(83, 29, generator=generator) > 0.5
-    got = torch.empty(83, 29, dtype=dtype)
+    got = torch.empty(83, 29)
     kernel(got.view(-1).numpy(), grad_output.numpy(), input.numpy(), keep.to(torch.uint8).view(-1).numpy(), MIN_ROWS)
     return torch.equal(got, grad_output.t().mm(input) * keep)
 
 
-def _build() -> dict[torch.dtype, Any]:
-    multiply = compiled_loop()
-    if multiply is None:
-        return {}
-    kernels = {}
-    # float32 only: torch's float64 product is not dgemm_'s with these operands (its bits differ).
-    for dtype, name in ((torch.float32, "sgemm_"),):
-        try:
-            gemm = _blas(name)
-            kernel = _compile(gemm, multiply) if gemm is not None else None
-            if kernel is not None and _same_as_torch(kernel, dtype):
-                kernels[dtype] = kernel
-        except Exception:  # noqa: BLE001 - an optional speed-up: the Python block loop computes the same
-            continue
-    return kernels
+def _build() -> Any:
+    try:
+        multiply, gemm = compiled_loop(), _blas("sgemm_")
+        if multiply is None or gemm is None:
+            return _UNAVAILABLE
+        kernel = _compile(gemm, multiply)
+        return kernel if _same_as_torch(kernel) else _UNAVAILABLE
+    except Exception:  # noqa: BLE001 - an optional speed-up: the Python block loop computes the same
+        return _UNAVAILABLE
 
 
 def fused_weight_gradient(dtype: torch.dtype) -> Any:
     """The compiled ``(flat gradient, grad_output, input, one-byte mask, rows per block)`` call for
-    ``dtype`` (float32 only), or ``None`` where it is not available or not torch's product. Rows per
-    block: at least :data:`MIN_ROWS`."""
+    ``dtype``, or ``None``: for any dtype but float32 (torch's float64 product rounds differently
+    from ``dgemm_`` called this way), and where it is not available or not torch's product. Rows
+    per block: at least :data:`MIN_ROWS`."""
     global _FUSED
+    if dtype != torch.float32:
+        return None
     if _FUSED is None:
         _FUSED = _build()
-    return _FUSED.get(dtype)
+    return None if _FUSED is _UNAVAILABLE else _FUSED
