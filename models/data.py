@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from plugins.core.errors import ConfigError, is_number
 
@@ -49,26 +49,37 @@ def _per_sample_gain(n: int, spread: float, seed: int) -> torch.Tensor:
     return torch.exp((torch.rand(n, generator=g) * 2 - 1) * np.log(spread))
 
 
-class EpochSeededSampler(Sampler[int]):
+def _limited(batches: int, limit: int | float | None) -> int:
+    """Lightning's ``limit_*_batches`` rule: a count caps the batches, a fraction keeps ``int(n * fraction)``."""
+    return min(batches, limit) if isinstance(limit, int) else int(batches * (limit if limit is not None else 1.0))
+
+
+class EpochSeededSampler(DistributedSampler):
     """A shuffle that depends only on (seed, epoch): a run resumed at epoch k sees the same order
-    as the run that was never stopped. Lightning calls ``set_epoch`` before each epoch."""
+    as the run that was never stopped. Lightning calls ``set_epoch`` before each epoch.
+
+    Under DDP each process takes its own share of that order itself, as Lightning's
+    ``DistributedSamplerWrapper`` would (the order padded to a multiple of the world size with its
+    first indices, then every world-size-th from the rank): the same batches as before, and a run
+    resumed mid-epoch skips the batches this process had trained (:attr:`start`, in its own share).
+    A ``DistributedSampler`` is one Lightning does not wrap again. Costs one permutation per epoch."""
 
     def __init__(self, length: int, seed: int) -> None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world = torch.distributed.get_world_size() if distributed else 1
+        rank = torch.distributed.get_rank() if distributed else 0
+        super().__init__(range(length), num_replicas=world, rank=rank, shuffle=False, drop_last=False)
         self.length = length
         self.seed = seed
-        self.epoch = 0
-        self.start = 0  # samples of this epoch already seen: a run resumed mid-epoch skips them once
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.start = 0  # samples of this process's share already trained: a run resumed mid-epoch skips them once
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.length, generator=g).tolist()
+        while len(order) < self.total_size:
+            order += order[: self.total_size - len(order)]
         start, self.start = self.start, 0
-        return iter(torch.randperm(self.length, generator=g).tolist()[start:])
-
-    def __len__(self) -> int:
-        return self.length
+        return iter(order[self.rank : self.total_size : self.num_replicas][start:])
 
 
 class _ArrayDataModule(L.LightningDataModule):
@@ -121,26 +132,23 @@ class _ArrayDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         loader = self._loader("train", shuffle=True)
-        loader.sampler.start = self._batches_done_this_epoch() * self.batch_size
+        loader.sampler.start = self._batches_done_this_epoch(len(loader)) * self.batch_size
         return loader
 
-    def _batches_done_this_epoch(self) -> int:
+    def _batches_done_this_epoch(self, batches: int) -> int:
         """Batches of the current epoch a checkpoint written mid-epoch (SIGTERM, Ctrl-C, every N
-        steps) had trained on: Lightning restores that count and expects the loader to go on after
-        them. Zero for a fresh run or an end-of-epoch checkpoint."""
+        steps) had trained on, in this process: Lightning restores that count and expects the
+        loader to go on after them. Zero for a fresh run or an end-of-epoch checkpoint. ``batches``:
+        this process's batches in one epoch, before Lightning's ``limit_train_batches``."""
         trainer = getattr(self, "trainer", None)
         loop = getattr(trainer, "fit_loop", None)
         if loop is None or not loop.restarting:
             return 0
-        done = loop.epoch_loop.batch_progress.current.completed
-        n = self.batches("train", trainer.limit_train_batches)
+        # processed, not completed: a checkpoint written in on_train_batch_end (every N steps) holds
+        # its last batch as processed but not yet completed, and Lightning resumes after that batch.
+        done = loop.epoch_loop.batch_progress.current.processed
+        n = _limited(batches, trainer.limit_train_batches)
         return done % n if n else 0
-
-    def batches(self, split: str, limit: int | float | None = None) -> int:
-        """Batches of ``split`` in one epoch under Lightning's ``limit_*_batches`` rule (a count
-        caps them, a fraction keeps ``int(n * fraction)``); after ``setup``."""
-        n = -(-len(self.splits[split]) // self.batch_size)
-        return min(n, limit) if isinstance(limit, int) else int(n * (limit if limit is not None else 1.0))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from plugins.core.errors import ConfigError
+from runner.agreed_stop import AgreedStop, agreed_stop
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -50,7 +51,9 @@ class LastCheckpoint(L.Callback):
 
     Lightning turns SIGTERM into a stop after the running batch; SIGINT (Ctrl-C) is made to do the
     same while fitting, so either leaves a checkpoint of a finished batch, and ``ckpt_path=last``
-    continues from it. A second Ctrl-C interrupts at once. Costs one checkpoint write per trigger.
+    continues from it. A second Ctrl-C interrupts at once. Under DDP the processes agree on the
+    signal after each batch (:mod:`runner.agreed_stop`), so all stop after the same one. Costs one
+    checkpoint write per trigger, and under DDP one all-reduce of one integer per batch.
     """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None) -> None:
@@ -60,6 +63,7 @@ class LastCheckpoint(L.Callback):
         self.path = Path(dirpath) / LAST
         self.every_n_train_steps = every_n_train_steps
         self._previous_sigint: Any = None
+        self._agreed: AgreedStop | None = None  # under DDP: the processes agree on a signal per batch
         self.stopped_by: str | None = None
 
     def _save(self, trainer: L.Trainer) -> None:
@@ -81,7 +85,14 @@ class LastCheckpoint(L.Callback):
             self._previous_sigint = signal.signal(signal.SIGINT, stop_after_batch)
 
     @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After Lightning put its own SIGTERM handler in place (it does so after on_fit_start).
+        self._agreed = agreed_stop(trainer)
+
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._agreed is not None:
+            self._agreed.agree(trainer)
         n = self.every_n_train_steps
         if n and trainer.global_step % n == 0 and not trainer.received_sigterm:
             self._save(trainer)
@@ -98,6 +109,9 @@ class LastCheckpoint(L.Callback):
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._agreed is not None:
+            self._agreed.restore()
+            self._agreed = None
         if self._previous_sigint is not None and _main_thread():
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None

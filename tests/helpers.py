@@ -102,18 +102,20 @@ class StepLog(L.Callback):
 
 
 class SignalAtStep(L.Callback):
-    """Sends ``signal`` (a name: SIGTERM, SIGINT) to this process at the start of optimizer step
-    ``step``, through the operating system, as a scheduler's preemption or a Ctrl-C would."""
+    """Sends ``signal`` (a name: SIGTERM, SIGINT, SIGKILL) to this process at the start of optimizer step
+    ``step``, through the operating system, as a scheduler's preemption or a Ctrl-C would; under DDP
+    from every process, or from the process of global rank ``rank`` only."""
 
-    def __init__(self, step: int, signal: str = "SIGTERM") -> None:
+    def __init__(self, step: int, signal: str = "SIGTERM", rank: int | None = None) -> None:
         self.step = step
         self.signal = signal
+        self.rank = rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         import os
         import signal
 
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 

@@ -151,6 +151,68 @@ def test_signal_in_the_middle_of_an_epoch_saves_and_resumes_from_that_step(
     _assert_same(_final_state(run_dir), uninterrupted(tmp_path_factory, plugins))
 
 
+def test_killed_after_a_checkpoint_every_n_steps_resumes_from_that_step(tmp_path: Path, tmp_path_factory):
+    # That checkpoint is written in on_train_batch_end, where Lightning holds its batch as processed
+    # but not completed: the resumed loader must skip that batch too, or every later step shifts.
+    run_dir, first_log, second_log = tmp_path / "run", tmp_path / "first.log", tmp_path / "second.log"
+    every = "+checkpoint.every_n_train_steps=4"
+    kill = "+callbacks.stop={_target_: tests.helpers.SignalAtStep, step: 12, signal: SIGKILL}"
+    first = run_train_cli([*BASE, *PLUGINS, every, _log(first_log), kill, f"hydra.run.dir={run_dir}"])
+    assert first.returncode == -signal.SIGKILL
+    assert [s for _, s in _steps(first_log)] == list(range(12))
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12  # epoch 2, batch 2 of 5
+
+    result = _resume(run_dir, second_log)
+    assert "resuming from epoch 2, step 12" in result.stdout
+    assert _steps(second_log) == [(2, 12), (2, 13), (2, 14), *[(3, s) for s in range(15, 20)]]
+    _assert_same(_final_state(run_dir), uninterrupted(tmp_path_factory, PLUGINS))
+
+
+DDP = ["trainer=ddp", "trainer.devices=2", "trainer.max_epochs=3", *PLUGINS]
+
+
+@pytest.mark.ddp
+def test_ddp_killed_after_a_checkpoint_every_n_steps_resumes_from_that_step(tmp_path: Path, tmp_path_factory):
+    # Each process skips the batches it trained of its own share: the order Lightning's wrapper
+    # would give, so no index runs past a shortened list.
+    run_dir, first_log, second_log = tmp_path / "run", tmp_path / "first.log", tmp_path / "second.log"
+    every = "+checkpoint.every_n_train_steps=2"
+    kill = "+callbacks.stop={_target_: tests.helpers.SignalAtStep, step: 7, signal: SIGKILL}"
+    first = run_train_cli([*BASE, *DDP, every, _log(first_log), kill, f"hydra.run.dir={run_dir}"])
+    assert first.returncode != 0 and not (run_dir / "summary.json").exists()
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6  # epoch 1, batch 1 of 5
+
+    result = run_train_cli([*BASE, *DDP, _log(second_log), "ckpt_path=last", f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from epoch 1, step 6" in result.stdout
+    assert sorted({s for _, s in _steps(second_log)}) == list(range(6, 15))  # both processes log each step
+    _assert_same(_final_state(run_dir), uninterrupted(tmp_path_factory, DDP))
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize(
+    ("name", "rank", "status"),
+    [("SIGTERM", "null", 143), ("SIGTERM", "1", 143), ("SIGINT", "null", 130)],
+    ids=["SIGTERM to both processes", "SIGTERM to one process", "Ctrl-C"],
+)
+def test_ddp_signal_stops_every_process_after_one_batch_and_resumes_from_it(
+    tmp_path: Path, tmp_path_factory, name: str, rank: str, status: int
+):
+    run_dir, first_log, second_log = tmp_path / "run", tmp_path / "first.log", tmp_path / "second.log"
+    stop = f"+callbacks.stop={{_target_: tests.helpers.SignalAtStep, step: 7, signal: {name}, rank: {rank}}}"
+    first = run_train_cli([*BASE, *DDP, _log(first_log), stop, f"hydra.run.dir={run_dir}"])
+    assert first.returncode == status, first.stderr[-3000:]
+    assert f"stopped by {name} at epoch 1, step 8" in first.stderr
+    assert sorted({s for _, s in _steps(first_log)}) == list(range(8))  # it finished the batch it was on
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+
+    result = run_train_cli([*BASE, *DDP, _log(second_log), "ckpt_path=last", f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from epoch 1, step 8" in result.stdout
+    assert sorted({s for _, s in _steps(second_log)}) == list(range(8, 15))
+    _assert_same(_final_state(run_dir), uninterrupted(tmp_path_factory, DDP))
+
+
 def test_resumed_run_keeps_the_metrics_history(tmp_path: Path):
     run_dir = tmp_path / "run"
     stop = "+callbacks.stop={_target_: tests.helpers.SignalAtStep, step: 12}"
