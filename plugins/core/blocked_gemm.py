@@ -1,13 +1,14 @@
 """A masked ``Linear``'s weight gradient, block product and mask fused in one compiled call.
 
 :mod:`plugins.core.masked_linear` computes the weight gradient ``grad_output.T @ input`` in blocks
-of rows and zeroes each block under the one-byte mask while it is in cache. Driven from Python,
+of rows and zeroes each block under the mask while it is in cache. Driven from Python,
 each block costs a ``torch.mm`` call, four slices and a call of the compiled loop, and that Python
 runs right after a product that pushed the interpreter's own data out of the cache. Here one
 function compiled by numba walks the blocks itself and calls, for each, the very BLAS routine that
-``torch.mm`` calls on the CPU (``sgemm_``, as torch's own library exports it), then the mask loop.
-Per 2048x2048 gradient at batch 32 the zeroing then costs +0.11 ms over the product alone, against
-+0.35 ms with the blocks driven from Python (``python benchmarks/bench_gradient_zeroing.py``).
+``torch.mm`` calls on the CPU (``sgemm_``, as torch's own library exports it), then the mask loop,
+which reads the mask at one bit per weight (:mod:`plugins.core.bit_mask`).
+Per 2048x2048 gradient at batch 32 the zeroing then costs +0.06 ms over the product alone, against
++0.38 ms with the blocks driven from Python (``python benchmarks/bench_gradient_zeroing.py``).
 
 Same values, bit for bit: the same routine with the same operands. That is checked once per
 process when it is compiled, on shapes that make any other summation order show (a mismatch, a
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from plugins.core.bit_mask import compile_bit_loop, pack_bits
 from plugins.core.byte_mask import compiled_loop
 
 __all__ = ["BLOCK_BYTES", "MIN_ROWS", "fused_weight_gradient"]
@@ -58,7 +60,7 @@ def _compile(gemm: Any, multiply: Any) -> Any:
     import numba
 
     @numba.njit(nogil=True, boundscheck=False)
-    def weight_gradient(flat, grad_output, input, mask, rows_per_block):  # pragma: no cover - compiled
+    def weight_gradient(flat, grad_output, input, bits, rows_per_block):  # pragma: no cover - compiled
         # Column-major BLAS: the row-major gradient block (rows x columns) is the column-major
         # columns x rows product input.T @ grad_output[:, rows].
         batch, rows = grad_output.shape
@@ -91,7 +93,7 @@ def _compile(gemm: Any, multiply: Any) -> Any:
                 flat[start * columns :].ctypes.data,
                 dims[4:].ctypes.data,
             )
-            multiply(flat[start * columns : stop * columns], mask[start * columns : stop * columns])
+            multiply(flat[start * columns : stop * columns], bits, start * columns)
             start = stop
 
     return weight_gradient
@@ -104,23 +106,23 @@ def _same_as_torch(kernel: Any) -> bool:
     input = torch.randn(67, 29, generator=generator)
     keep = torch.rand(83, 29, generator=generator) > 0.5
     got = torch.empty(83, 29)
-    kernel(got.view(-1).numpy(), grad_output.numpy(), input.numpy(), keep.to(torch.uint8).view(-1).numpy(), MIN_ROWS)
+    kernel(got.view(-1).numpy(), grad_output.numpy(), input.numpy(), pack_bits(keep), MIN_ROWS)
     return torch.equal(got, grad_output.t().mm(input) * keep)
 
 
 def _build() -> Any:
     try:
-        multiply, gemm = compiled_loop(), _blas("sgemm_")
-        if multiply is None or gemm is None:
+        gemm = _blas("sgemm_")
+        if gemm is None or compiled_loop() is None:  # no BLAS routine to call, or numba cannot compile here
             return _UNAVAILABLE
-        kernel = _compile(gemm, multiply)
+        kernel = _compile(gemm, compile_bit_loop())
         return kernel if _same_as_torch(kernel) else _UNAVAILABLE
     except Exception:  # noqa: BLE001 - an optional speed-up: the Python block loop computes the same
         return _UNAVAILABLE
 
 
 def fused_weight_gradient(dtype: torch.dtype) -> Any:
-    """The compiled ``(flat gradient, grad_output, input, one-byte mask, rows per block)`` call for
+    """The compiled ``(flat gradient, grad_output, input, bit mask, rows per block)`` call for
     ``dtype``, or ``None``: for any dtype but float32 (torch's float64 product rounds differently
     from ``dgemm_`` called this way), and where it is not available or not torch's product. Rows
     per block: at least :data:`MIN_ROWS`."""

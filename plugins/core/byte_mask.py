@@ -92,8 +92,12 @@ class ByteMask:
         if not self._built:
             self._built = True
             if buffer.device.type == "cpu" and bool(((buffer == 0) | (buffer == 1)).all()):
-                self._bytes = buffer.detach().to(torch.uint8).reshape(-1).numpy()
+                self._bytes = self._copy(buffer.detach())
         return self._bytes
+
+    def _copy(self, buffer: torch.Tensor) -> np.ndarray:
+        # The copy itself, of a CPU mask of 0s and 1s (a subclass packs it otherwise).
+        return buffer.to(torch.uint8).reshape(-1).numpy()
 
 
 def compiled_loop() -> Any:

@@ -4,17 +4,18 @@ The in-place mask form zeroes each masked gradient once per step (:mod:`plugins.
 After backward that pass reads and writes the whole gradient from memory: a 2048x2048 gradient is
 16 MiB, far more than a core's cache, and on the MLP 3x2048 this pass is about all the in-place
 form costs over a dense step. Here the backward of a masked ``Linear`` computes its weight gradient
-in blocks of rows and zeroes each block under the one-byte mask (:mod:`plugins.core.byte_mask`)
-right after the matrix product wrote it, while it is still in cache. In float32 one compiled call
-walks blocks of about 2 MiB (:mod:`plugins.core.blocked_gemm`: torch's own BLAS routine, no Python
-between blocks); in float64, or where that call is not available, Python drives blocks of about
-1 MiB (:data:`BLOCK_BYTES`). The values are those of autograd's own ``Linear`` backward: the same
+in blocks of rows and zeroes each block under the mask right after the matrix product wrote it,
+while it is still in cache. In float32 one compiled call walks blocks of about 2 MiB
+(:mod:`plugins.core.blocked_gemm`: torch's own BLAS routine, no Python between blocks) and reads
+the mask at one bit per weight (:mod:`plugins.core.bit_mask`); in float64, or where that call is
+not available, Python drives blocks of about 1 MiB (:data:`BLOCK_BYTES`) under the one-byte mask
+(:mod:`plugins.core.byte_mask`). The values are those of autograd's own ``Linear`` backward: the same
 products (rows of ``grad_output.T @ input``), then the same product with the mask.
 
 What it costs: one Python call per masked ``Linear`` in forward and in backward (more than its few
-lines suggest: the product before it has pushed the interpreter's data out of the cache), no extra
-memory. It is taken only where it is exact and pays, all of these at once: a module whose
-forward is ``nn.Linear``'s; its weight of at least one block, owned by it alone, masked in place
+lines suggest: the product before it has pushed the interpreter's data out of the cache), and a
+copy of the mask at one bit per weight. It is taken only where it is exact and pays, all of these
+at once: a module whose forward is ``nn.Linear``'s; its weight of at least one block, owned by it alone, masked in place
 (not tied, no capture of the dense gradient); the CPU, float32 or float64, one intra-op thread
 (as the one-byte loop); grad mode on, no autocast, not inside ``torch.compile``, ``torch.export``,
 a trace or a ``torch.func`` transform, no process group
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from plugins.core.bit_mask import BitMask
 from plugins.core.blocked_gemm import BLOCK_BYTES as FUSED_BLOCK_BYTES
 from plugins.core.blocked_gemm import MIN_ROWS, fused_weight_gradient
 from plugins.core.byte_mask import ByteMask, compiled_loop, fits_byte_layout
@@ -50,11 +52,12 @@ _ROUTES: weakref.WeakKeyDictionary[nn.Module, LinearRoute] = weakref.WeakKeyDict
 
 
 class LinearRoute:
-    """What the backward of one masked ``Linear`` needs: its mask, the one-byte copy of it, and a
-    record of the gradient it last returned. Costs nothing but that record."""
+    """What the backward of one masked ``Linear`` needs: its mask, its one-bit and one-byte copies
+    (each made at its first use), and a record of the gradient it last returned. Costs those copies."""
 
     def __init__(self, mask: nn.Module, byte_mask: ByteMask, enabled: Any) -> None:
         self.mask, self.byte_mask = mask, byte_mask
+        self.bit_mask = BitMask()  # the compiled call's copy (blocked_gemm); the byte copy drives Python blocks
         self._enabled = enabled  # a callable: False turns the route off (HeldZeros.byte_loop)
         self._returned: tuple[int, int] | None = None
         self._fits_key: tuple[int, int] | None = None  # the storages _fits was found for
@@ -84,24 +87,25 @@ class LinearRoute:
 
     def weight_gradient(self, grad_output: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
         """``grad_output.T @ input`` (both 2-D), zeroed under the mask block by block; recorded."""
-        loop = compiled_loop()
-        bytes_ = self.byte_mask.of(self.mask.mask) if loop is not None else None
-        if bytes_ is None:  # the mask is not 0/1, or is rewritten every step: the pass will zero it
+        fused = fused_weight_gradient(input.dtype)
+        loop = compiled_loop() if fused is None else None
+        copy = self.bit_mask if fused is not None else self.byte_mask
+        mask = copy.of(self.mask.mask) if fused is not None or loop is not None else None
+        if mask is None:  # the mask is not 0/1, or is rewritten every step: the pass will zero it
             self._returned = None
             return grad_output.t().mm(input)
         rows, columns = grad_output.shape[1], input.shape[1]
         grad = torch.empty((rows, columns), dtype=input.dtype, device=input.device)
         flat, transposed = grad.view(-1).numpy(), grad_output.t()
-        fused = fused_weight_gradient(grad.dtype)
         if fused is not None:
             operands = grad_output.detach().contiguous().numpy(), input.detach().contiguous().numpy()
-            fused(flat, *operands, bytes_, max(MIN_ROWS, FUSED_BLOCK_BYTES // (columns * grad.element_size())))
+            fused(flat, *operands, mask, max(MIN_ROWS, FUSED_BLOCK_BYTES // (columns * grad.element_size())))
         else:  # blocks driven from Python (float64, or no BLAS routine to call)
             block, start = max(MIN_ROWS, BLOCK_BYTES // (columns * grad.element_size())), 0
             while start < rows:
                 stop = rows if start + block + MIN_ROWS > rows else start + block
                 torch.mm(transposed[start:stop], input, out=grad[start:stop])
-                loop(flat[start * columns : stop * columns], bytes_[start * columns : stop * columns])
+                loop(flat[start * columns : stop * columns], mask[start * columns : stop * columns])
                 start = stop
         self._returned = (grad.data_ptr(), grad._version)
         return grad
