@@ -25,7 +25,7 @@ from plugins.core.errors import ConfigError
 from runner import command_line, validation
 from runner.build import build_callbacks, build_loggers, build_model, build_plugins, close_loggers
 from runner.checkpoints import AtomicCheckpointIO, finished, resolve_resume, stop_on_signal
-from runner.console import quiet_known_noise
+from runner.console import quiet_known_noise, quiet_not_resumable
 from runner.dashboards import publish
 from runner.ddp import use_job_scoped_ddp_children
 from runner.logger_history import keep_history
@@ -64,6 +64,7 @@ def train(cfg: DictConfig) -> float:
     use_job_scoped_ddp_children()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data, seed=cfg.seed)
+    quiet_not_resumable(datamodule)
     validation.check_batches(cfg, datamodule)
     module = build_model(cfg, datamodule)
     checkpoint = validation.read_checkpoint(cfg.get("ckpt_path"), ckpt_path)  # None: a fresh start

@@ -85,6 +85,9 @@ class EpochSeededSampler(DistributedSampler):
 class _ArrayDataModule(L.LightningDataModule):
     """Shared plumbing: tensors in, three loaders out, with optional input transforms."""
 
+    #: A run resumed mid-epoch goes on after the batches its checkpoint had trained (the sampler skips them).
+    skips_trained_batches = True
+
     def __init__(
         self,
         batch_size: int = 64,

@@ -16,6 +16,8 @@ __all__ = ["EpochLine", "HeadlineProgressBar", "headlines", "quiet_known_noise"]
 
 #: torch 2.13 deprecates the ``LeafSpec`` that Lightning 2.6's ``_pytree`` still builds (a FutureWarning per run).
 PYTREE_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+#: Lightning's warning on a mid-epoch resume, true of loaders that do not skip what was trained.
+NOT_RESUMABLE = "You're resuming from a checkpoint that ended before the epoch ended"
 #: Lightning 2.6 advertises litlogger at every Trainer construction, with no switch to turn it off.
 LITLOGGER_TIP = "💡 Tip: For seamless cloud logging and experiment tracking"
 #: The loggers Lightning's ``rank_zero_info`` writes through (``lightning_utilities`` uses the last imported).
@@ -72,6 +74,15 @@ class HeadlineProgressBar(RichProgressBar):
         items = super().get_metrics(trainer, pl_module)
         items.update({k: _number(v) for k, v in headlines(self.plugins).items()})
         return items
+
+
+def quiet_not_resumable(datamodule: object) -> None:
+    """Silence Lightning's "your dataloader is not resumable" warning for a data module that skips
+    the batches a mid-epoch checkpoint had trained (``skips_trained_batches``, ours): Lightning only
+    looks for a ``state_dict`` on the loader, and the warning would say a resume is unreliable when
+    it is exact (``tests/test_resume.py``). Any other data module keeps the warning."""
+    if getattr(datamodule, "skips_trained_batches", False):
+        warnings.filterwarnings("ignore", message=NOT_RESUMABLE)
 
 
 class _DropMessage(logging.Filter):

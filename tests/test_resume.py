@@ -164,6 +164,7 @@ def test_killed_after_a_checkpoint_every_n_steps_resumes_from_that_step(tmp_path
 
     result = _resume(run_dir, second_log)
     assert "resuming from epoch 2, step 12" in result.stdout
+    assert "dataloader is not resumable" not in result.stdout + result.stderr  # it is: no false alarm
     assert _steps(second_log) == [(2, 12), (2, 13), (2, 14), *[(3, s) for s in range(15, 20)]]
     _assert_same(_final_state(run_dir), uninterrupted(tmp_path_factory, PLUGINS))
 
