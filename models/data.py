@@ -153,6 +153,12 @@ class _ArrayDataModule(L.LightningDataModule):
         n = _limited(batches, trainer.limit_train_batches)
         return done % n if n else 0
 
+    def batches(self, split: str, limit: int | float | None = None) -> int:
+        """Batches of ``split`` in one epoch under Lightning's ``limit_*_batches`` rule (a count
+        caps them, a fraction keeps ``int(n * fraction)``); after ``setup``. ``train.py`` checks a
+        fraction against it before training (runner/validation.py)."""
+        return _limited(-(-len(self.splits[split]) // self.batch_size), limit)
+
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
