@@ -59,6 +59,8 @@ def compile_bit_loop() -> Any:
     def bit(bits, e):  # pragma: no cover - compiled; the bit of flat weight e
         return (bits[(e // CHUNK) * PLANE + e % PLANE] >> np.uint8(e % CHUNK // PLANE)) & np.uint8(1)
 
+    # The head and tail loops are written out, not one shared helper: with the helper (and a range
+    # over the whole chunks) numba compiled the whole-chunk loop slower, in a one-off timing.
     @numba.njit(nogil=True, boundscheck=False)
     def multiply(flat, bits, first):  # pragma: no cover - compiled
         n, i = flat.size, 0

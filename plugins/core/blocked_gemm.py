@@ -44,6 +44,7 @@ MIN_ROWS = 16
 _FUSED: Any = None
 _UNAVAILABLE = object()
 
+
 def _blas(name: str) -> Any:
     # libtorch_cpu is loaded already (import torch): CDLL returns that same library.
     folder = Path(torch.__file__).parent / "lib"
