@@ -343,6 +343,44 @@ def test_masks_are_identical_on_both_ddp_ranks(tmp_path):
         assert set(nonzeros_per_group(ranks[0]["weights"][name], 4)) == {2}, name
 
 
+# --- the input dimension of layers that store their weight as (in, out) ---------------------------
+
+
+def rows_along_inputs(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """Nonzeros per m consecutive inputs of a GPT-2 Conv1D weight (in, out), per output column."""
+    matrix = weight.detach().t()  # (out, in), the matrix 2:4 kernels read
+    return (matrix.reshape(matrix.shape[0], -1, m) != 0).sum(dim=2)
+
+
+def test_gpt2s_conv1d_layers_are_patterned_along_their_inputs_as_a_linear_is():
+    """Hugging Face's Conv1D stores (in, out): its 2:4 groups run along dim 0, so that the (out, in)
+    matrix semi-structured kernels read keeps 2 of every 4 inputs, exactly as a Linear does."""
+    transformers = pytest.importorskip("transformers")
+    from tests.test_zoo import _tokens
+    from tests.zoo_models import LENGTH, VOCAB, Task
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=32, n_layer=1, n_head=2)
+    lm = transformers.GPT2LMHeadModel(config)
+    cb = nm("2:4", targets={"module_types": ["Linear", "transformers.pytorch_utils.Conv1D"]})
+    quiet_trainer([cb], max_epochs=1, max_steps=2).fit(Task(lm), _tokens())
+    block = lm.transformer.h[0]
+    for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+        assert layer.weight.shape[0] == layer.nx  # (in, out)
+        assert set(rows_along_inputs(layer.weight, 4).flatten().tolist()) == {2}
+    assert set(nonzeros_per_group(lm.lm_head.weight.detach(), 4)) == {2}  # Linear (vocab, n_embd)
+
+
+def test_a_transposed_convolution_is_patterned_along_its_input_channels(tmp_path):
+    """ConvTranspose2d stores (in, out, kh, kw): 2 of every 4 input channels at each (out, kh, kw)."""
+    net = nn.Sequential(nn.Unflatten(1, (8, 1, 1)), nn.ConvTranspose2d(8, 6, 2), nn.Flatten(), nn.Linear(24, 3))
+    cb = nm("2:4", targets={"module_types": ["ConvTranspose2d"]})
+    trainer(tmp_path, 1, [cb]).fit(Tiny(net))
+    w = net[1].weight.detach()  # (8, 6, 2, 2)
+    per_group = (w.movedim(0, -1).reshape(-1, 2, 4) != 0).sum(dim=2)
+    assert set(per_group.flatten().tolist()) == {2}
+
+
 # --- 4. bad input ---------------------------------------------------------------------------------
 
 

@@ -59,7 +59,7 @@ class HardshrinkSparsifier(MaskingCallback):
     and ``{key}/layer/<name>``.
 
     With ``pattern="N:M"`` (e.g. ``"2:4"``, mode sparsity only) the schedule's value is the
-    fraction of M-groups (M consecutive weights along dim 1) under the pattern, in [0, 1]: the
+    fraction of M-groups (M consecutive weights along the input dimension) under the pattern, in [0, 1]: the
     allocation cuts the ``round(f * groups)`` groups cheapest to pattern (the sum of their M - N
     smallest ``|w|``), per tensor or over all, and each keeps its N largest ``|w|``; 1.0 makes
     every selected tensor N:M, with (M - N) / M of its weights zero. A patterned group stays
@@ -187,7 +187,7 @@ class HardshrinkSparsifier(MaskingCallback):
     @override
     def record(self) -> dict[str, float]:
         if self.pattern is not None:
-            return {"patterned": nm_fraction([t.tensor for t in self.targets], self.pattern)}
+            return {"patterned": nm_fraction(self.targets, self.pattern)}
         if self.mode == "threshold" or self.scope == "global":
             return {"lambda": next(iter(self.lambdas.values()), 0.0)}
         return {f"lambda/{name}": lam for name, lam in self.lambdas.items()}
@@ -208,7 +208,7 @@ class HardshrinkSparsifier(MaskingCallback):
         out[f"{self.key}/updates"] = len(self.history)
         if self.pattern is not None:
             out[f"{self.key}/pattern"] = str(self.pattern)
-            out[f"{self.key}/patterned"] = nm_fraction([t.tensor for t in self.targets], self.pattern)
+            out[f"{self.key}/patterned"] = nm_fraction(self.targets, self.pattern)
         return out
 
     @override

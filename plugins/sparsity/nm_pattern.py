@@ -2,12 +2,13 @@
 a criterion that scores each M-group by the cost of patterning it, and a mask mechanism whose
 elements are the M-groups.
 
-A group is M consecutive entries along the input dimension (dim 1) of a weight: along ``in_features``
-of a Linear for each output row, along the input channels of a conv for each ``(out, kh, kw)``
-position. This is the layout NVIDIA's sparse tensor cores accelerate (2:4 along the reduction
-dimension of the GEMM; for convolutions the reduction runs over ``C_in`` at each filter tap, the
-layout of ``apex.contrib.sparsity``), so a model trained with ``pattern=2:4`` exports to
-``torch.sparse.to_sparse_semi_structured`` without a permutation.
+A group is M consecutive entries along the input dimension of a weight (:func:`input_dim`: dim 1,
+or dim 0 for Hugging Face's ``Conv1D`` and transposed convolutions, which store ``(in, out, ...)``):
+along ``in_features`` of a Linear (or GPT-2's ``Conv1D``) for each output, along the input channels
+of a conv for each ``(out, kh, kw)`` position. This is the layout NVIDIA's sparse tensor cores
+accelerate (2:4 along the reduction dimension of the GEMM; for convolutions the reduction runs
+over ``C_in`` at each filter tap, the layout of ``apex.contrib.sparsity``), so a model trained with
+``pattern=2:4`` exports to ``torch.sparse.to_sparse_semi_structured`` without a permutation.
 
 With a pattern the schedule's value ``f`` is the fraction of M-groups under the pattern. The
 allocation (``sparsity.scope``) cuts ``round(f * groups)`` of the cheapest groups, per tensor or
@@ -30,6 +31,7 @@ from plugins.core.decision import Group
 from plugins.core.errors import ConfigError
 from plugins.core.mask_mechanism import EntryMasks
 from plugins.core.selection import Target
+from plugins.core.weight_layout import input_dim
 
 __all__ = ["NMPattern", "parse_pattern", "to_groups", "from_groups", "NMCost", "NMMasks", "nm_fraction"]
 
@@ -62,16 +64,16 @@ def parse_pattern(value: Any, key: str = "sparsity.pattern") -> NMPattern | None
     return NMPattern(int(match[1]), int(match[2]))
 
 
-def to_groups(tensor: torch.Tensor, m: int) -> torch.Tensor:
-    """``tensor`` (dim >= 2, ``shape[1] % m == 0``) as ``(groups, m)``: row ``g`` holds M consecutive
-    entries along dim 1; groups ordered by (dim 0, dims 2.., dim 1 / m)."""
-    return tensor.movedim(1, -1).reshape(-1, m)
+def to_groups(tensor: torch.Tensor, m: int, dim: int = 1) -> torch.Tensor:
+    """``tensor`` (dim >= 2, ``shape[dim] % m == 0``) as ``(groups, m)``: row ``g`` holds M
+    consecutive entries along ``dim``; groups ordered by (the other dims in order, ``dim`` / m)."""
+    return tensor.movedim(dim, -1).reshape(-1, m)
 
 
-def from_groups(groups: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+def from_groups(groups: torch.Tensor, shape: torch.Size | tuple[int, ...], dim: int = 1) -> torch.Tensor:
     """The inverse of :func:`to_groups` for a tensor of ``shape``."""
-    moved = (shape[0], *shape[2:], shape[1])
-    return groups.reshape(moved).movedim(-1, 1)
+    moved = (*shape[:dim], *shape[dim + 1 :], shape[dim])
+    return groups.reshape(moved).movedim(-1, dim)
 
 
 class NMCost(Criterion):
@@ -86,7 +88,7 @@ class NMCost(Criterion):
 
     def scores(self, group: Group, keep: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, m = self.pattern.n, self.pattern.m
-        magnitudes = to_groups(group.weights()[0].abs().float(), m)
+        magnitudes = to_groups(group.weights()[0].abs().float(), m, input_dim(group.members[0].module))
         return magnitudes.sort(dim=1).values[:, : m - n].sum(dim=1)
 
 
@@ -116,7 +118,7 @@ class NMMasks(EntryMasks):
 
     def current(self, group):
         n, m = self.pattern.n, self.pattern.m
-        kept = to_groups(super().current(group), m)
+        kept = to_groups(super().current(group), m, input_dim(group.members[0].module))
         return (~kept).sum(dim=1) < m - n
 
     def apply(self, groups, keeps, optimizers=(), **options):
@@ -129,36 +131,37 @@ class NMMasks(EntryMasks):
         keep False keeps only its N largest ``|w|`` among the entries still kept."""
         n, m = self.pattern.n, self.pattern.m
         member = group.members[0]
-        weight = member.tensor.detach()
-        kept = to_groups(super().current(group), m)
-        scores = to_groups(weight.abs().float(), m).masked_fill(~kept, -math.inf)
+        weight, dim = member.tensor.detach(), input_dim(member.module)
+        kept = to_groups(super().current(group), m, dim)
+        scores = to_groups(weight.abs().float(), m, dim).masked_fill(~kept, -math.inf)
         # Ascending and stable: the M - N lowest go, equal ones in index order.
         lowest = scores.argsort(dim=1, stable=True)[:, : m - n]
         drop = torch.zeros_like(kept).scatter_(1, lowest, True)
         drop &= ~group_keep.to(drop.device).reshape(-1, 1)
-        return from_groups(~drop, weight.shape)
+        return from_groups(~drop, weight.shape, dim)
 
 
 def refuse_unpatternable(target: Target, pattern: NMPattern, key: str) -> None:
-    """A ConfigError at ``{key}.pattern`` naming ``target`` unless its dim 1 splits into M-groups."""
-    shape = tuple(target.raw.shape)
-    if len(shape) >= 2 and shape[1] % pattern.m == 0:
+    """A ConfigError at ``{key}.pattern`` naming ``target`` unless its input dimension splits into M-groups."""
+    shape, dim = tuple(target.raw.shape), input_dim(target.module)
+    if len(shape) >= 2 and shape[dim] % pattern.m == 0:
         return
-    why = "has no dim 1" if len(shape) < 2 else f"has {shape[1]} along dim 1"
+    why = "has no dim 1" if len(shape) < 2 else f"has {shape[dim]} along dim {dim}"
     raise ConfigError(
         f"{key}.pattern",
         str(pattern),
-        f"a pattern whose M ({pattern.m}) divides the input dimension (dim 1) of every selected tensor: "
+        f"a pattern whose M ({pattern.m}) divides the input dimension of every selected tensor "
+        "(dim 1; dim 0 for Hugging Face Conv1D and transposed convolutions): "
         f"{target.name} (shape {shape}) {why}; leave it out with {key}.targets.exclude=[{target.name}]",
     )
 
 
 @torch.no_grad()
-def nm_fraction(tensors: list[torch.Tensor], pattern: NMPattern) -> float:
-    """The fraction of M-groups over all ``tensors`` with at most N nonzeros (under the pattern)."""
+def nm_fraction(targets: list[Target], pattern: NMPattern) -> float:
+    """The fraction of M-groups over all ``targets`` with at most N nonzeros (under the pattern)."""
     under = total = 0
-    for tensor in tensors:
-        nonzeros = (to_groups(tensor.detach(), pattern.m) != 0).sum(dim=1)
+    for target in targets:
+        nonzeros = (to_groups(target.tensor.detach(), pattern.m, input_dim(target.module)) != 0).sum(dim=1)
         under += int((nonzeros <= pattern.n).sum())
         total += nonzeros.numel()
     return under / total if total else 0.0
