@@ -145,7 +145,7 @@ def test_an_unbaked_model_is_refused(how):
     "forms,match",
     [
         ({"7": "csr"}, r"forms\['7'\]='csr' is not allowed: a Linear-like layer"),
-        ({"0": "coo"}, r"forms\['0'\]='coo'.*'dense', 'csr' or 'bsr<k>'"),
+        ({"0": "coo"}, r"forms\['0'\]='coo'.*'dense', 'csr', 'bsr<k>' \(k >= 2\) or '2:4'"),
     ],
 )
 def test_forms_naming_an_unknown_layer_or_form_are_refused(forms, match):

@@ -3,7 +3,9 @@ that replace them.
 
 A layer qualifies when what it computes is one matrix product over its last (``Linear``, Hugging
 Face's ``Conv1D``) or channel dimension (a 1x1 ``Conv1d``/``Conv2d``, stride 1, no padding, one
-group): its weight then becomes a ``(out, in)`` matrix stored as CSR or BSR.
+group): its weight then becomes a ``(out, in)`` matrix stored as CSR or BSR (float32/float64 on
+CPU), or as 2:4 semi-structured (``Linear`` and ``Conv1D`` on a CUDA GPU, see
+:mod:`plugins.export.semi_structured`).
 """
 
 from __future__ import annotations
@@ -13,29 +15,25 @@ import warnings
 import torch
 from torch import nn
 
+from plugins.core.weight_layout import is_hf_conv1d
 from plugins.export import ops  # noqa: F401  (registers torch.ops.sparsekit.sparse_matmul)
+from plugins.export.semi_structured import SEMI, SemiStructuredLinear, semi_structured_backend
 
-__all__ = ["SparseLinear", "SparseConv1x1", "as_matrix", "is_linear_like", "parse_form", "sparse_twin"]
+__all__ = ["SparseLinear", "SparseConv1x1", "as_matrix", "form_misfit", "is_linear_like", "parse_form", "sparse_twin"]
 
 FLOATS = (torch.float32, torch.float64)
 
 
 def parse_form(form: str) -> int | None:
-    """The block size of a form: ``"csr"`` -> 1, ``"bsr16"`` -> 16, ``"dense"`` -> None; any other
-    string raises ``ValueError``."""
-    if form == "dense":
+    """The block size of a form: ``"csr"`` -> 1, ``"bsr16"`` -> 16, ``"dense"`` and ``"2:4"`` ->
+    None; any other string raises ``ValueError``."""
+    if form in ("dense", SEMI):
         return None
     if form == "csr":
         return 1
     if form.startswith("bsr") and form[3:].isdigit() and int(form[3:]) >= 2:
         return int(form[3:])
     raise ValueError(form)
-
-
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    # transformers.pytorch_utils.Conv1D (GPT-2): y = x @ W + b with W of shape (in, out); matched by
-    # name so that this package does not import transformers.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 def _is_pointwise_conv(module: nn.Module) -> bool:
@@ -50,14 +48,14 @@ def _is_pointwise_conv(module: nn.Module) -> bool:
 
 def is_linear_like(module: nn.Module) -> bool:
     """A ``Linear``, Hugging Face ``Conv1D``, ``Conv1d`` or ``Conv2d``: the layers the record lists."""
-    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) or _is_hf_conv1d(module)
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) or is_hf_conv1d(module)
 
 
 def as_matrix(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | str:
     """``(weight as an (out, in) matrix, bias)`` of a layer that qualifies, else why it does not."""
     if isinstance(module, nn.Linear):
         weight = module.weight
-    elif _is_hf_conv1d(module):
+    elif is_hf_conv1d(module):
         weight = module.weight.t()
     elif _is_pointwise_conv(module):
         weight = module.weight.reshape(module.weight.shape[0], -1)
@@ -65,9 +63,24 @@ def as_matrix(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | s
         return "not a 1x1 convolution with stride 1, no padding and one group"
     else:
         return "not a Linear, Conv1D or 1x1 convolution"
-    if weight.dtype not in FLOATS or weight.device.type != "cpu":
-        return f"{weight.dtype} on {weight.device.type}: the sparse kernels are float32/float64 on CPU"
     return weight.detach(), None if module.bias is None else module.bias.detach()
+
+
+def form_misfit(form: str, module: nn.Module, weight: torch.Tensor) -> str | None:
+    """Why the layer ``module`` (its ``(out, in)`` ``weight``) cannot run in the sparse ``form``, or
+    None: CSR/BSR need float32/float64 on CPU and, for BSR, a block size dividing both sides; 2:4
+    needs a ``Linear`` or ``Conv1D`` whose weight fits :func:`semi_structured_backend`."""
+    if form == SEMI:
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            return "2:4 export takes Linear and Conv1D layers, not convolutions"
+        backend = semi_structured_backend(weight)
+        return backend if isinstance(backend, str) else None
+    if weight.dtype not in FLOATS or weight.device.type != "cpu":
+        return f"{weight.dtype} on {weight.device.type}: CSR/BSR kernels take float32/float64 on CPU"
+    block = parse_form(form)
+    if block > 1 and (weight.shape[0] % block or weight.shape[1] % block):
+        return f"{block} does not divide both sides of {tuple(weight.shape)}"
+    return None
 
 
 class _SparseMatrix(nn.Module):
@@ -127,11 +140,13 @@ class SparseConv1x1(_SparseMatrix):
 
 def sparse_twin(module: nn.Module, form: str) -> nn.Module:
     """The module that computes what ``module`` does with its weight in ``form`` (``module``
-    itself for ``"dense"``); the layer must qualify (:func:`as_matrix`)."""
+    itself for ``"dense"``); the layer must qualify (:func:`as_matrix`, :func:`form_misfit`)."""
     if form == "dense":
         return module
     matrix = as_matrix(module)
     if isinstance(matrix, str):
         raise ValueError(matrix)
+    if form == SEMI:
+        return SemiStructuredLinear(*matrix)
     cls = SparseConv1x1 if isinstance(module, (nn.Conv1d, nn.Conv2d)) else SparseLinear
     return cls(*matrix, form)

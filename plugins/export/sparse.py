@@ -1,9 +1,11 @@
-"""sparse_export(): a baked model whose layers that run faster sparse hold CSR/BSR weights.
+"""sparse_export(): a baked model whose layers that run faster sparse hold CSR/BSR weights (CPU) or
+2:4 semi-structured ones (CUDA GPU).
 
 A baked model keeps its zeros in dense tensors, which cost as much as any other value. Each
-``Linear`` (and Hugging Face ``Conv1D``, and 1x1 convolution) is offered to MKL's sparse kernels in
-the forms ``candidates`` names; the form is chosen per layer by timing it against the dense layer on
-the input that layer really receives from ``example_input``. A layer keeps its dense weight unless
+``Linear`` (and Hugging Face ``Conv1D``, and 1x1 convolution) is offered to the sparse kernels of its
+device in the forms ``candidates`` names (MKL's CSR/BSR on CPU; on a CUDA GPU, cuSPARSELt's or
+CUTLASS's 2:4 for a layer whose weight is 2:4); the form is chosen per layer by timing it against the
+dense layer on the input that layer really receives from ``example_input``. A layer keeps its dense weight unless
 a sparse form is at least ``min_speedup`` times faster. The exported model must give the baked
 model's outputs within ``atol`` (scaled by the output's size, see :func:`choose.tolerance`), layer
 by layer and end to end, or the export raises naming the layer.
@@ -25,7 +27,8 @@ from torch.utils._pytree import tree_leaves
 
 from plugins.core.errors import ConfigError
 from plugins.export.choose import capture_inputs, max_difference, run, time_candidates, tolerance
-from plugins.export.layers import as_matrix, is_linear_like, parse_form, sparse_twin
+from plugins.export.layers import as_matrix, form_misfit, is_linear_like, parse_form, sparse_twin
+from plugins.export.semi_structured import SEMI
 
 __all__ = ["SparseExportMismatch", "sparse_export"]
 
@@ -66,7 +69,7 @@ def _check_forms(forms: dict[str, str], layers: dict[str, Any]) -> None:
         try:
             parse_form(form)
         except ValueError:
-            raise ConfigError(f"forms[{name!r}]", form, "'dense', 'csr' or 'bsr<k>' (k >= 2)") from None
+            raise ConfigError(f"forms[{name!r}]", form, f"'dense', 'csr', 'bsr<k>' (k >= 2) or '{SEMI}'") from None
 
 
 def _block_fill(weight: torch.Tensor, block: int) -> float:
@@ -75,14 +78,16 @@ def _block_fill(weight: torch.Tensor, block: int) -> float:
     return nonzero.any(dim=3).any(dim=1).float().mean().item()
 
 
-def _usable(form: str, weight: torch.Tensor, max_block_fill: float) -> bool:
+def _misfit(form: str, module: nn.Module, weight: torch.Tensor, max_block_fill: float) -> str | None:
+    """Why ``form`` is not worth timing for this layer, or None."""
+    reason = form_misfit(form, module, weight)
     block = parse_form(form)
-    if block is None or block == 1:
-        return block == 1
-    if weight.shape[0] % block or weight.shape[1] % block:
-        return False
-    # A BSR block is stored whole: with most blocks holding a nonzero it costs more than dense.
-    return _block_fill(weight, block) <= max_block_fill
+    if reason is None and block is not None and block > 1:
+        # A BSR block is stored whole: with most blocks holding a nonzero it costs more than dense.
+        fill = _block_fill(weight, block)
+        if fill > max_block_fill:
+            reason = f"{fill:.2f} of the {block}x{block} blocks hold a nonzero (> max_block_fill={max_block_fill})"
+    return reason
 
 
 def _row(name: str, module: nn.Module, weight: torch.Tensor) -> dict[str, Any]:
@@ -90,14 +95,26 @@ def _row(name: str, module: nn.Module, weight: torch.Tensor) -> dict[str, Any]:
     return {"layer": name, "type": type(module).__name__, "shape": list(weight.shape), "zeros": round(zeros, 6)}
 
 
-def _forms_to_time(weight: torch.Tensor, forced: str | None, options: dict[str, Any]) -> tuple[list[str], str]:
+def _forms_to_time(
+    name: str, module: nn.Module, weight: torch.Tensor, forced: str | None, options: dict[str, Any]
+) -> tuple[list[str], str]:
     """The sparse forms to time for one layer, and why."""
     if forced is not None:
+        misfit = None if forced == "dense" else form_misfit(forced, module, weight)
+        if misfit is not None:
+            raise ConfigError(f"forms[{name!r}]", forced, f"a form this layer can run in ('dense' here: {misfit})")
         return ([forced] if forced != "dense" else []), "forced"
     if (weight == 0).float().mean().item() < options["min_zeros"]:
         return [], f"zeros below min_zeros={options['min_zeros']}"
-    forms = [f for f in options["candidates"] if _usable(f, weight, options["max_block_fill"])]
-    return forms, "timed" if forms else "no sparse form fits (block size or block fill)"
+    forms, misfits = [], {}
+    for form in options["candidates"]:
+        reason = _misfit(form, module, weight, options["max_block_fill"])
+        if reason is None:
+            forms.append(form)
+        else:
+            misfits.setdefault(reason, []).append(form)
+    why_not = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in misfits.items())
+    return forms, "timed" if forms else f"no sparse form fits ({why_not})"
 
 
 def _decide(
@@ -106,14 +123,21 @@ def _decide(
     """The record row of one layer and the module to put in its place."""
     weight, _ = as_matrix(module)
     row = _row(name, module, weight)
-    forms, row["reason"] = _forms_to_time(weight, forced, options)
+    forms, row["reason"] = _forms_to_time(name, module, weight, forced, options)
     twins = {form: sparse_twin(module, form) for form in forms}
     budget, min_reps = (options["budget_s"], 3) if twins else (0.0, 1)
     times, outputs = time_candidates({"dense": module, **twins}, x, budget, min_reps)
-    for form in twins:
+    for form in list(twins):
         diff = max_difference(outputs[form], outputs["dense"])
-        if not diff <= tolerance(outputs["dense"], options["atol"]):
+        bound = tolerance(outputs["dense"], options["atol"])
+        if diff <= bound:
+            continue
+        if form != SEMI or forced is not None:
             raise SparseExportMismatch(f"layer {name!r} as {form} differs from dense by {diff:.3g}")
+        # 2:4 kernels may compute in another precision than dense (CUTLASS's float32 in TF32): a
+        # property of the hardware path, not a fault of the export, so the layer stays dense, said.
+        del twins[form]
+        row["refused"] = {form: f"differs from dense by {diff:.3g} > {bound:.3g}"}
     best = min(twins, key=times.get, default="dense")
     faster = bool(twins) and times[best] * options["min_speedup"] < times["dense"]
     chosen = best if forced is not None or faster else "dense"
@@ -188,7 +212,7 @@ def sparse_export(
     path: str | Path | None = None,
     *,
     forms: dict[str, str] | None = None,
-    candidates: tuple[str, ...] = ("csr", "bsr16", "bsr32"),
+    candidates: tuple[str, ...] = ("csr", "bsr16", "bsr32", SEMI),
     min_zeros: float = 0.5,
     min_speedup: float = 1.05,
     max_block_fill: float = 0.5,
@@ -202,19 +226,25 @@ def sparse_export(
         example_input: a tensor, or a tuple of arguments, the model is called with; each layer is
             timed on the input it receives then (its batch size decides the fastest form).
         path: where to write the exported model (see :func:`save_sparse_export`); nothing if None.
-        forms: layer name -> ``"dense"``, ``"csr"`` or ``"bsr<k>"``: these layers take that form
-            without timing deciding (still timed and checked).
-        candidates: the sparse forms timed against dense; ``bsr<k>`` only where ``k`` divides both
-            sides and at most ``max_block_fill`` of the blocks hold a nonzero.
+        forms: layer name -> ``"dense"``, ``"csr"``, ``"bsr<k>"`` or ``"2:4"``: these layers take
+            that form without timing deciding (still timed and checked).
+        candidates: the sparse forms timed against dense where the layer fits them: ``csr`` and
+            ``bsr<k>`` for float32/float64 on CPU (``bsr<k>`` only where ``k`` divides both sides
+            and at most ``max_block_fill`` of the blocks hold a nonzero); ``2:4`` for a Linear or
+            Conv1D whose weight is 2:4, on a CUDA GPU of compute capability 8.0 or more, in a dtype
+            and shape its kernels take. A 2:4 layer whose output misses ``atol`` stays dense (the
+            record's ``refused`` says by how much): the kernel's precision, not a fault.
         min_zeros: layers with fewer zeros stay dense untimed.
         min_speedup: a sparse form must be this many times faster than dense to be chosen.
         budget_s: time spent timing one layer (about; at least 3 rounds).
-        atol: outputs must agree within ``atol * max(1, max |output|)``.
+        atol: outputs must agree within ``atol * max(1, max |output|)`` (at least 4 units in the
+            last place of the output's dtype: float16 cannot meet 1e-5).
 
     Returns:
         The exported module and the record: one JSON-serializable dict per Linear-like layer
         (``layer``, ``type``, ``shape``, ``zeros``, ``form``, ``reason``, and when timed
-        ``dense_ms``, ``candidates_ms``, ``speedup``).
+        ``dense_ms``, ``candidates_ms``, ``speedup``; ``refused`` for a 2:4 layer kept dense for
+        its precision).
 
     Raises:
         ConfigError: a parametrized model, or ``forms`` naming an unknown layer or form.
