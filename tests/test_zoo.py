@@ -255,3 +255,19 @@ def test_sharded_strategies_are_refused_naming_the_strategy(plugin):
     trainer = SimpleNamespace(strategy=FSDPStrategy())
     with pytest.raises(ConfigError, match=r"^trainer.strategy='FSDPStrategy' is not allowed: a strategy that keeps whole"):
         callback.setup(trainer, Task(QKVO()), "fit")
+
+
+def test_structured_pruning_of_gpt2s_conv1d_along_dim_0_warns_that_it_prunes_inputs():
+    """``pruning.dim`` counts the stored tensor's axes, as torch's ``ln_structured`` does: on GPT-2's
+    Conv1D, stored (in, out), dim 0 is its inputs. The run says so instead of calling them channels."""
+    from plugins.pruning.structured import StructuredPruning
+
+    torch.manual_seed(0)
+    lm = _gpt2()
+    pruning = StructuredPruning(
+        amount=0.5, dim=0, couple=False, include=["*mlp.c_fc.weight"], module_types=["transformers.pytorch_utils.Conv1D"]
+    )
+    with pytest.warns(SelectionWarning, match=r"pruning.dim=0 prunes the inputs of net.transformer.h.0.mlp.c_fc.weight"):
+        quiet_trainer([pruning], max_steps=1).fit(Task(lm), _tokens())
+    weight = lm.transformer.h[0].mlp.c_fc.weight.detach()  # (32 in, 128 out)
+    assert int((weight.abs().sum(dim=1) == 0).sum()) == 16  # half the inputs, as the warning says

@@ -17,9 +17,10 @@ import torch
 
 from plugins.core.checkpoint_form import plain_state, set_compaction_plan
 from plugins.core.decision import Group
-from plugins.core.errors import CompactionWarning, ConfigError
+from plugins.core.errors import CompactionWarning, ConfigError, SelectionWarning
 from plugins.core.mask_mechanism import MaskMechanism
 from plugins.core.selection import Target
+from plugins.core.weight_layout import input_dim
 from plugins.pruning.compaction import compact
 from plugins.pruning.dry_run import refuse_inexact_compaction
 from plugins.pruning.units import build_units, example_inputs, kept_slices, refuse_unbaked_constraints, settle
@@ -58,6 +59,7 @@ class SliceMasks(MaskMechanism):
         if self.compact:
             refuse_unbaked_constraints(trainer, key)
         self._resolve_dim(targets, key)
+        _warn_if_stored_inputs_first(targets, self.dim, key)
         if self.compact:
             _warn_if_nothing_to_remove(self.dim, self.couple, key)
         if self.compact or (self.couple and self.dim == 0):
@@ -134,6 +136,21 @@ class SliceMasks(MaskMechanism):
             for member in group.members:
                 out[member.name] = f"{int(keep.sum())}/{group.size}"
         return out
+
+
+def _warn_if_stored_inputs_first(targets: list[Target], dim: int, key: str) -> None:
+    """``dim`` counts the stored tensor's axes, as torch's ``ln_structured`` does; on a weight
+    stored (in, out, ...) those are the reverse of a Linear's, which a user may not expect."""
+    flipped = [t.name for t in targets if dim in (0, 1) and t.raw.dim() >= 2 and input_dim(t.module) == 0]
+    if flipped:
+        sliced, other = ("inputs", "dim=1 prunes outputs") if dim == 0 else ("outputs", "dim=0 prunes inputs")
+        warnings.warn(
+            SelectionWarning(
+                f"{key}.dim={dim} prunes the {sliced} of {', '.join(flipped)}: Hugging Face Conv1D and transposed "
+                f"convolutions store their weight as (in, out, ...), the reverse of Linear and Conv ({other})"
+            ),
+            stacklevel=3,
+        )
 
 
 def _warn_if_nothing_to_remove(dim: int, couple: bool, key: str) -> None:
