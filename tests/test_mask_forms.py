@@ -110,6 +110,43 @@ def test_an_optimizer_that_moves_zeros_is_an_error_naming_the_tensor_and_the_way
     assert callback.history[-1]["sparsity"] == pytest.approx(0.8, abs=0.01)
 
 
+class ManualTiny(Tiny):
+    """Tiny under manual optimization, stepping the optimizer Lightning wraps or the raw torch one."""
+
+    def __init__(self, raw: bool) -> None:
+        super().__init__(mlp(8, 32, 32, 3))
+        self.automatic_optimization = False
+        self.raw = raw
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers(use_pl_optimizer=not self.raw)
+        optimizer.zero_grad()
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        optimizer.step()
+
+
+def test_manual_optimization_through_self_optimizers_trains_the_weights_automatic_optimization_does():
+    automatic, _ = run("auto", OPTIMIZERS["sgd_momentum_wd"])
+    torch.manual_seed(0)
+    manual, callback = ManualTiny(raw=False), sparsifier("auto")
+    quiet_trainer([callback], max_epochs=3).fit(manual)
+    assert set(callback.forms.values()) == {"inplace"}
+    ours, theirs = stored_weights(manual), stored_weights(automatic)
+    assert ours.keys() == theirs.keys() and len(ours) == 3
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_raw_optimizer_under_manual_optimization_is_an_error_saying_how_to_step():
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError) as err:
+        quiet_trainer([sparsifier("auto")], max_epochs=3).fit(ManualTiny(raw=True))
+    message = str(err.value)
+    assert "masked entries of net.0.weight are no longer 0" in message
+    assert "without Lightning's on_before_optimizer_step" in message and "self.optimizers()" in message
+
+
 def test_a_tensor_under_a_constraint_keeps_the_parametrized_mask():
     torch.manual_seed(0)
     model = Tiny(mlp(8, 32, 32, 3))

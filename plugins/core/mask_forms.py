@@ -88,6 +88,7 @@ class HeldZeros:
         self._routed: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self.byte_loop = True  # False: torch's float product for every tensor (to compare the two)
         self._last: tuple[int, int] | None = None
+        self.hooked = False  # whether an optimizer step went through zero_gradients since the last check
         self.refresh()
 
     def refresh(self) -> None:
@@ -124,6 +125,7 @@ class HeldZeros:
         """Zero every in-place masked gradient under its mask, once per (step, optimizer) however
         many masking callbacks ask."""
         token = (step, id(optimizer))
+        self.hooked = True
         if token == self._last:
             return
         self._last = token
@@ -140,9 +142,18 @@ class HeldZeros:
     @torch.no_grad()
     def check(self, key: str, optimizers: list[torch.optim.Optimizer] = ()) -> None:
         """Raise RuntimeError naming the first in-place masked tensor with a nonzero entry under a 0
-        of its mask (an optimizer that moves entries at zero gradient and zero state)."""
+        of its mask (an optimizer that moves entries at zero gradient and zero state, or a step that
+        bypassed Lightning's ``on_before_optimizer_step``)."""
+        hooked, self.hooked = self.hooked, False
         for name, tensor, mask in self.pairs:
             moved = int(((tensor != 0) & (mask.mask == 0)).sum())
+            if moved and not hooked:
+                raise RuntimeError(
+                    f"{key}: {moved} masked entries of {name} are no longer 0: the optimizer stepped without "
+                    "Lightning's on_before_optimizer_step, where the in-place mask zeroes the gradients (a raw "
+                    "torch optimizer under manual optimization: step the one self.optimizers() returns); or set "
+                    f"{key}.mask_form=parametrize (the mask then multiplies the weight in forward)"
+                )
             if moved:
                 names = ", ".join(type(o).__name__ for o in optimizers) or "the optimizer"
                 raise RuntimeError(
