@@ -3,7 +3,7 @@ largest Linear shapes of the GPT-2-style model, and that model end to end throug
 
 1. Layers. ``F.linear(x, W, b)`` with ``W`` dense against ``W`` as torch's semi-structured tensor
    (``torch.sparse.to_sparse_semi_structured``'s kernels: cuSPARSELt, or CUTLASS where cuSPARSELt
-   lacks the dtype), ``W`` 2:4 along its inputs. Shapes ``(out, in)``: the three largest of the
+   lacks the dtype), ``W`` 2:4 along its inputs (1:2 in float32, the pattern CUTLASS runs it in). Shapes ``(out, in)``: the three largest of the
    GPT-2-style model of benchmarks/bench_sparse_inference.py (width 512: ``c_fc`` and the tied
    ``lm_head`` 2048x512, the MLP's ``c_proj`` 512x2048, ``c_attn`` 1536x512), then GPT-2 small's
    and GPT-2 XL's MLP shapes for the trend. Inputs of 512 tokens (the model's 8 x 64) and 8192, in
@@ -96,20 +96,21 @@ def _relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
     return (got.float() - expected.float()).abs().max().item() / scale
 
 
-def two_four(matrix: torch.Tensor) -> torch.Tensor:
-    """``matrix`` with the 2 smallest |w| of every 4 consecutive inputs zeroed."""
-    groups = matrix.reshape(matrix.shape[0], -1, 4)
-    drop = groups.abs().argsort(dim=2)[..., :2]
+def keep_largest(matrix: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """``matrix`` with all but the ``n`` largest |w| of every ``m`` consecutive inputs zeroed."""
+    groups = matrix.reshape(matrix.shape[0], -1, m)
+    drop = groups.abs().argsort(dim=2)[..., : m - n]
     return groups.scatter(2, drop, 0.0).reshape(matrix.shape)
 
 
 def layer_row(shape: tuple[int, int], tokens: int, dtype: torch.dtype, rounds: int, reps: int) -> dict:
     """One shape, input size and dtype: dense against 2:4, or why 2:4 cannot run it."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    weight = two_four(torch.randn(shape, generator=g, device="cuda")).to(dtype)
+    n, m = (1, 2) if dtype == torch.float32 else (2, 4)  # CUTLASS's float32 kernels are 1:2
+    weight = keep_largest(torch.randn(shape, generator=g, device="cuda"), n, m).to(dtype)
     bias = torch.randn(shape[0], generator=g, device="cuda").to(dtype)
     x = torch.randn(tokens, shape[1], generator=g, device="cuda").to(dtype)
-    row = {"shape": list(shape), "tokens": tokens, "dtype": str(dtype).removeprefix("torch.")}
+    row = {"shape": list(shape), "tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "pattern": f"{n}:{m}"}
     backend = semi_structured_backend(weight)
     if isinstance(backend, str):
         return {**row, "skipped": backend}
@@ -172,11 +173,11 @@ def markdown(result: dict) -> str:
         "",
         "## Layers: `F.linear` with a 2:4 weight",
         "",
-        "| (out, in) | tokens | dtype | kernels | dense ms | 2:4 ms | speed-up | max rel. diff |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| (out, in) | tokens | dtype | pattern | kernels | dense ms | sparse ms | speed-up | max rel. diff |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["layers"]:
-        head = f"| {tuple(r['shape'])} | {r['tokens']} | {r['dtype']} |"
+        head = f"| {tuple(r['shape'])} | {r['tokens']} | {r['dtype']} | {r['pattern']} |"
         if "skipped" in r:
             lines.append(f"{head} - | - | - | not run: {r['skipped']} | - |")
         else:

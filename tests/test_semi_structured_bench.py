@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import bench_semi_structured as bench
-from plugins.export.semi_structured import two_four_violations
+from plugins.export.semi_structured import pattern_violations
 
 
 @pytest.mark.skipif(bench.gpu_problem() is None, reason="this machine has a suitable GPU")
@@ -26,16 +26,17 @@ def test_the_end_to_end_model_is_2_4_along_the_inputs_of_every_conv1d():
     assert len(conv1d) == 16 and tokens.shape == (8, 64)
     for m in conv1d:
         matrix = m.weight.detach().t()  # (out, in), what the export converts
-        assert two_four_violations(matrix) == 0 and float((matrix == 0).float().mean()) == 0.5
-    assert two_four_violations(net.lm_head.weight.detach()) > 0  # tied to the embedding: left dense
+        assert pattern_violations(matrix) == 0 and float((matrix == 0).float().mean()) == 0.5
+    assert pattern_violations(net.lm_head.weight.detach()) > 0  # tied to the embedding: left dense
 
 
 def test_the_table_shows_measured_rows_and_says_why_a_row_did_not_run():
     meta = {"command": "python benchmarks/bench_semi_structured.py", "device": "GPU", "torch": torch.__version__,
             "rounds": 15, "reps": 20}
-    measured = {"shape": [2048, 512], "tokens": 512, "dtype": "float16", "backend": "cusparselt", "dense_ms": 0.02,
+    measured = {"shape": [2048, 512], "tokens": 512, "dtype": "float16", "pattern": "2:4", "backend": "cusparselt",
+                "dense_ms": 0.02,
                 "sparse_ms": 0.016, "speedup": 1.25, "lo": 1.2, "hi": 1.3, "max_rel_difference": 1e-3}
-    refused = {"shape": [1536, 512], "tokens": 512, "dtype": "float32", "skipped": "RuntimeError: no kernel"}
+    refused = {"shape": [1536, 512], "tokens": 512, "dtype": "float32", "pattern": "1:2", "skipped": "RuntimeError: x"}
     text = bench.markdown({"meta": meta, "layers": [measured, refused]})
-    assert "| (2048, 512) | 512 | float16 | cusparselt | 0.0200 | 0.0160 | 1.25x (1.20-1.30) | 1.0e-03 |" in text
-    assert "| (1536, 512) | 512 | float32 | - | - | - | not run: RuntimeError: no kernel | - |" in text
+    assert "| (2048, 512) | 512 | float16 | 2:4 | cusparselt | 0.0200 | 0.0160 | 1.25x (1.20-1.30) | 1.0e-03 |" in text
+    assert "| (1536, 512) | 512 | float32 | 1:2 | - | - | - | not run: RuntimeError: x | - |" in text

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.bench_semi_structured import two_four
+from benchmarks.bench_semi_structured import keep_largest as two_four
 from plugins.core.errors import ConfigError
 from plugins.export import SparseExportMismatch, layers, semi_structured, sparse_export
-from plugins.export.semi_structured import SemiStructuredLinear, two_four_violations
+from plugins.export.semi_structured import SemiStructuredLinear, pattern_misfit, pattern_violations
 from tests.helpers import mlp
 
 
@@ -24,10 +24,45 @@ def two_four_mlp() -> nn.Sequential:
     return model
 
 
-def test_two_four_violations_counts_groups_of_four_inputs_over_two_nonzeros():
+def test_pattern_violations_counts_groups_of_four_inputs_over_two_nonzeros():
     w = torch.tensor([[1.0, 0, 2, 0, 1, 1, 1, 0], [0, 0, 0, 3, 1, 1, 1, 1]])
-    assert two_four_violations(w) == 2  # row 0's second group (3 nonzeros), row 1's second (4)
-    assert two_four_violations(two_four(torch.randn(16, 32))) == 0
+    assert pattern_violations(w) == 2  # row 0's second group (3 nonzeros), row 1's second (4)
+    assert pattern_violations(two_four(torch.randn(16, 32))) == 0
+
+
+@pytest.mark.parametrize(("dtype", "n", "m"), [(torch.float16, 2, 4), (torch.bfloat16, 2, 4), (torch.float32, 1, 2)])
+def test_the_pattern_check_agrees_with_torchs_own_cutlass_encoding(dtype, n, m):
+    """torch's CUTLASS encoder (plain torch ops, so it runs on CPU) keeps a matrix exactly when it is
+    n:m for its dtype; pattern_violations, which decides whether a layer is offered 2:4, says the
+    same. float32 is encoded in pairs: a 2:4 float32 matrix loses values."""
+    from torch.sparse._semi_structured_conversions import (
+        sparse_semi_structured_from_dense_cutlass as encode,
+    )
+    from torch.sparse._semi_structured_conversions import (
+        sparse_semi_structured_to_dense_cutlass as decode,
+    )
+
+    torch.manual_seed(0)
+    fits = two_four(torch.randn(64, 128), n, m).to(dtype)
+    off = fits.clone()
+    off[3, 0:m] = 1.0  # one group with m nonzeros
+    for matrix, violations in ((fits, 0), (off, 1)):
+        assert pattern_violations(matrix, n, m) == violations
+        # Which entries survive the encoding (float32 values come back within 1e-4, not bit for bit).
+        kept = torch.equal(decode(*encode(matrix)) != 0, matrix != 0)
+        assert kept == (violations == 0)
+    if dtype == torch.float32:
+        two_of_four = two_four(torch.randn(64, 128)).float()
+        assert pattern_violations(two_of_four, 1, 2) > 0
+        assert not torch.equal(decode(*encode(two_of_four)) != 0, two_of_four != 0)
+
+
+def test_a_float32_layer_needs_1_2_and_the_reason_says_so():
+    two_of_four = two_four(torch.randn(32, 64))
+    assert pattern_misfit(two_of_four.half()) is None and pattern_misfit(two_of_four.bfloat16()) is None
+    assert pattern_misfit(two_four(torch.randn(32, 64), 1, 2)) is None
+    reason = pattern_misfit(two_of_four)
+    assert reason.startswith("not 1:2: ") and "train with sparsity.pattern=1:2, or export in float16" in reason
 
 
 def test_on_cpu_the_record_says_why_no_layer_runs_2_4():
@@ -61,7 +96,7 @@ class DenseKernel:
 @pytest.fixture
 def stand_in_kernel(monkeypatch):
     def backend(matrix):
-        return "not 2:4" if two_four_violations(matrix) else DenseKernel
+        return "not 2:4" if pattern_violations(matrix) else DenseKernel
 
     monkeypatch.setattr(layers, "semi_structured_backend", backend)
     monkeypatch.setattr(semi_structured, "semi_structured_backend", backend)

@@ -5,8 +5,10 @@ A weight matrix ``(out, in)`` is 2:4 when every 4 consecutive inputs of every ou
 most 2 nonzeros: the layout ``sparsity.pattern=2:4`` trains (``plugins/sparsity/nm_pattern.py``)
 and NVIDIA's sparse tensor cores run (compute capability 8.0 and up), through
 ``torch.sparse.to_sparse_semi_structured``. The kernels are cuSPARSELt's where it is available and
-takes the dtype (float16, bfloat16, int8, float8), else CUTLASS's (which also takes float32). Each
-kernel library has minimum shapes; torch's own tables are read here, not copied.
+takes the dtype (float16, bfloat16, int8, float8), else CUTLASS's, which also takes float32, but as
+1:2 (at most 1 nonzero in every 2 inputs: the TF32 tensor cores' pattern), so a float32 layer
+needs ``sparsity.pattern=1:2``. Each kernel library has minimum shapes; torch's own tables are read
+here, not copied.
 """
 
 from __future__ import annotations
@@ -15,17 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SEMI", "SemiStructuredLinear", "semi_structured_backend", "two_four_violations"]
+__all__ = ["SEMI", "SemiStructuredLinear", "pattern_misfit", "pattern_violations", "semi_structured_backend"]
 
 #: The form name in the export's ``forms``, ``candidates`` and record.
 SEMI = "2:4"
 
 
-def two_four_violations(matrix: torch.Tensor) -> int:
-    """How many groups of 4 consecutive inputs (dim 1) of ``matrix`` hold more than 2 nonzeros
-    (``matrix.shape[1]`` must be a multiple of 4)."""
-    groups = (matrix.detach() != 0).reshape(matrix.shape[0], -1, 4)
-    return int((groups.sum(dim=2) > 2).sum())
+def pattern_violations(matrix: torch.Tensor, n: int = 2, m: int = 4) -> int:
+    """How many groups of ``m`` consecutive inputs (dim 1) of ``matrix`` hold more than ``n``
+    nonzeros (``matrix.shape[1]`` must be a multiple of ``m``)."""
+    groups = (matrix.detach() != 0).reshape(matrix.shape[0], -1, m)
+    return int((groups.sum(dim=2) > n).sum())
 
 
 def _backends() -> list[type]:
@@ -55,10 +57,19 @@ def semi_structured_backend(matrix: torch.Tensor) -> type | str:
             f"(out, in) = ({rows}, {cols}): {backend.BACKEND} takes multiples of "
             f"({limits.sparse_min_rows}, {limits.sparse_min_cols}) in {matrix.dtype}"
         )
-    over = two_four_violations(matrix)
-    if over:
-        return f"not 2:4: {over} of {matrix.numel() // 4} groups of 4 inputs hold more than 2 nonzeros"
-    return backend
+    misfit = pattern_misfit(matrix)
+    return backend if misfit is None else misfit
+
+
+def pattern_misfit(matrix: torch.Tensor) -> str | None:
+    """Why the zeros of ``matrix`` do not fit the semi-structured pattern of its dtype, or None:
+    2:4, or 1:2 in float32 (CUTLASS encodes float32 in pairs)."""
+    n, m = (1, 2) if matrix.dtype == torch.float32 else (2, 4)
+    over = pattern_violations(matrix, n, m)
+    if not over:
+        return None
+    hint = " (float32 runs as 1:2 on CUTLASS: train with sparsity.pattern=1:2, or export in float16)" if m == 2 else ""
+    return f"not {n}:{m}: {over} of {matrix.numel() // m} groups of {m} inputs hold more than {n} nonzeros{hint}"
 
 
 class SemiStructuredLinear(nn.Module):
