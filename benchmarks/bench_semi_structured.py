@@ -3,10 +3,11 @@ largest Linear shapes of the GPT-2-style model, and that model end to end throug
 
 1. Layers. ``F.linear(x, W, b)`` with ``W`` dense against ``W`` as torch's semi-structured tensor
    (``torch.sparse.to_sparse_semi_structured``'s kernels: cuSPARSELt, or CUTLASS where cuSPARSELt
-   lacks the dtype), ``W`` 2:4 along its inputs (1:2 in float32, the pattern CUTLASS runs it in). Shapes ``(out, in)``: the three largest of the
-   GPT-2-style model of benchmarks/bench_sparse_inference.py (width 512: ``c_fc`` and the tied
-   ``lm_head`` 2048x512, the MLP's ``c_proj`` 512x2048, ``c_attn`` 1536x512), then GPT-2 small's
-   and GPT-2 XL's MLP shapes for the trend. Inputs of 512 tokens (the model's 8 x 64) and 8192, in
+   lacks the dtype), ``W`` 2:4 along its inputs (1:2 in float32, the pattern CUTLASS runs it in).
+   Shapes ``(out, in)``: the three largest of the GPT-2-style model of
+   benchmarks/bench_sparse_inference.py (width 512: ``c_fc`` and the tied ``lm_head`` 2048x512,
+   the MLP's ``c_proj`` 512x2048, ``c_attn`` 1536x512), then GPT-2 small's and GPT-2 XL's MLP
+   shapes for the trend. Inputs of 512 tokens (the model's 8 x 64) and 8192, in
    float16, bfloat16 and float32. A shape or dtype the kernels refuse is a row with the reason.
 2. End to end. The GPT-2-style model trained 3 steps with this project's sparsifier at
    ``pattern=2:4`` (every Linear and Conv1D except the tied head, which stays dense), in float16 on
