@@ -125,6 +125,22 @@ def test_a_2_4_kernel_that_misses_the_tolerance_leaves_its_layer_dense_and_says_
         sparse_export(model, x, forms={"0": "2:4"}, budget_s=0.01)  # forced: an error, not a choice
 
 
+def test_a_2_4_kernel_that_raises_leaves_its_layer_dense_with_the_error_recorded(stand_in_kernel, monkeypatch):
+    def no_kernel(matrix):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device\nmore")
+
+    monkeypatch.setattr(stand_in_kernel, "from_dense", no_kernel)
+    exported, record = sparse_export(two_four_mlp(), torch.randn(8, 64), candidates=("2:4",), budget_s=0.01)
+    assert [r["form"] for r in record] == ["dense", "dense"]
+    assert record[0]["refused"] == {"2:4": "RuntimeError: CUDA error: no kernel image is available for execution on the device"}
+
+
+@pytest.mark.parametrize("candidates", ["csr", ("csr", "dense"), ("csr", "coo"), ("csr", 16)])
+def test_candidates_other_than_sparse_forms_are_refused(candidates):
+    with pytest.raises(ConfigError, match=r"^candidates=.* is not allowed: a tuple of sparse forms"):
+        sparse_export(two_four_mlp(), torch.randn(8, 64), candidates=candidates)
+
+
 CUDA_8 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 

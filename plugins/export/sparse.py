@@ -13,32 +13,24 @@ by layer and end to end, or the export raises naming the layer.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils._pytree import tree_leaves
 
 from plugins.core.errors import ConfigError
-from plugins.export.choose import capture_inputs, max_difference, run, time_candidates, tolerance
+from plugins.export.choose import capture_inputs, max_difference, time_candidates, tolerance
 from plugins.export.layers import as_matrix, form_misfit, is_linear_like, parse_form, sparse_twin
 from plugins.export.semi_structured import SEMI
+from plugins.export.verify import Example, SparseExportMismatch, verify_export
 
 __all__ = ["SparseExportMismatch", "sparse_export"]
 
 log = logging.getLogger(__name__)
-
-Example = torch.Tensor | tuple
-
-
-class SparseExportMismatch(RuntimeError):
-    """The exported model's outputs differ from the baked model's beyond the tolerance."""
 
 
 def _refuse_unbaked(model: nn.Module) -> None:
@@ -62,14 +54,25 @@ def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def _check_forms(forms: dict[str, str], layers: dict[str, Any]) -> None:
+def _is_form(form: Any) -> bool:
+    if not isinstance(form, str):
+        return False
+    try:
+        parse_form(form)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_forms(forms: dict[str, str], candidates: Any, layers: dict[str, Any]) -> None:
+    sparse_forms = f"'csr', 'bsr<k>' (k >= 2) or '{SEMI}'"
+    if isinstance(candidates, str) or not all(_is_form(f) and f != "dense" for f in candidates):
+        raise ConfigError("candidates", candidates, f"a tuple of sparse forms, each {sparse_forms}")
     for name, form in forms.items():
         if name not in layers:
             raise ConfigError(f"forms[{name!r}]", form, f"a Linear-like layer of the model: {sorted(layers)}")
-        try:
-            parse_form(form)
-        except ValueError:
-            raise ConfigError(f"forms[{name!r}]", form, f"'dense', 'csr', 'bsr<k>' (k >= 2) or '{SEMI}'") from None
+        if not _is_form(form):
+            raise ConfigError(f"forms[{name!r}]", form, f"'dense', {sparse_forms}")
 
 
 def _block_fill(weight: torch.Tensor, block: int) -> float:
@@ -124,7 +127,13 @@ def _decide(
     weight, _ = as_matrix(module)
     row = _row(name, module, weight)
     forms, row["reason"] = _forms_to_time(name, module, weight, forced, options)
-    twins = {form: sparse_twin(module, form) for form in forms}
+    twins, refused = {}, {}
+    for form in forms:
+        twin = sparse_twin(module, form) if form != SEMI or forced else _tried_semi(module, x)
+        if isinstance(twin, str):
+            refused[form] = twin
+        else:
+            twins[form] = twin
     budget, min_reps = (options["budget_s"], 3) if twins else (0.0, 1)
     times, outputs = time_candidates({"dense": module, **twins}, x, budget, min_reps)
     for form in list(twins):
@@ -137,7 +146,9 @@ def _decide(
         # 2:4 kernels may compute in another precision than dense (CUTLASS's float32 in TF32): a
         # property of the hardware path, not a fault of the export, so the layer stays dense, said.
         del twins[form]
-        row["refused"] = {form: f"differs from dense by {diff:.3g} > {bound:.3g}"}
+        refused[form] = f"differs from dense by {diff:.3g} > {bound:.3g}"
+    if refused:
+        row["refused"] = refused
     best = min(twins, key=times.get, default="dense")
     faster = bool(twins) and times[best] * options["min_speedup"] < times["dense"]
     chosen = best if forced is not None or faster else "dense"
@@ -150,6 +161,18 @@ def _decide(
     return row, twins.get(chosen, module)
 
 
+def _tried_semi(module: nn.Module, x: torch.Tensor) -> nn.Module | str:
+    """The 2:4 twin of ``module`` after one call on ``x``, or what torch raised (a GPU or build
+    without the kernel): the layer then stays dense and the record says why."""
+    try:
+        twin = sparse_twin(module, SEMI)
+        with torch.no_grad():
+            twin(x)
+        return twin
+    except Exception as err:  # torch's dispatch raises RuntimeError, NotImplementedError or AssertionError
+        return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+
+
 def _skip_row(name: str, module: nn.Module, reason: str) -> dict[str, Any]:
     matrix = as_matrix(module)
     if isinstance(matrix, str):
@@ -160,50 +183,6 @@ def _skip_row(name: str, module: nn.Module, reason: str) -> dict[str, Any]:
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
-
-
-def _outputs(model: nn.Module, example: Example) -> list[torch.Tensor]:
-    return [t for t in tree_leaves(run(model, example)) if isinstance(t, torch.Tensor)]
-
-
-def _first_layer_apart(dense: nn.Module, exported: nn.Module, names: list[str], example: Example, atol: float) -> str:
-    """The first swapped layer (in call order) whose output differs beyond the tolerance."""
-    seen: dict[str, dict[str, torch.Tensor]] = {"dense": {}, "sparse": {}}
-    handles = []
-    for key, model in (("dense", dense), ("sparse", exported)):
-        for name in names:
-            hook = (lambda store, n: lambda m, a, out: store.setdefault(n, out.detach().clone()))(seen[key], name)
-            handles.append(model.get_submodule(name).register_forward_hook(hook))
-    try:
-        run(dense, example), run(exported, example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name in seen["sparse"]:
-        diff = max_difference(seen["sparse"][name], seen["dense"][name])
-        if not diff <= tolerance(seen["dense"][name], atol):
-            return f"layer {name!r} (output differs by {diff:.3g})"
-    return f"no single sparse layer ({', '.join(names)})"
-
-
-def _verify(dense: nn.Module, exported: nn.Module, swapped: list[str], example: Example, atol: float) -> None:
-    expected, got = _outputs(dense, example), _outputs(exported, example)
-    diffs = [max_difference(g, e) for g, e in zip(got, expected, strict=True)]
-    for diff, ref in zip(diffs, expected, strict=True):
-        if not diff <= tolerance(ref, atol):
-            culprit = _first_layer_apart(dense, exported, swapped, example, atol)
-            raise SparseExportMismatch(f"sparse export differs from the baked model by {diff:.3g}: {culprit}")
 
 
 def sparse_export(
@@ -254,7 +233,7 @@ def sparse_export(
     exported = copy.deepcopy(model).eval()
     layers = {name: as_matrix(m) for name, m in exported.named_modules() if is_linear_like(m)}
     forms = dict(forms or {})
-    _check_forms(forms, layers)
+    _check_forms(forms, candidates, layers)
     options = {
         "candidates": candidates,
         "min_zeros": min_zeros,
@@ -280,8 +259,7 @@ def sparse_export(
             replacements[name] = new
     for name, new in replacements.items():
         _swap(exported, name, new)
-    with _eval(model):
-        _verify(model, exported, list(replacements), example_input, atol)
+    verify_export(model, exported, list(replacements), example_input, atol)
     if path is not None:
         from plugins.export.save import save_sparse_export  # the writer imports this module
 
