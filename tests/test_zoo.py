@@ -271,3 +271,27 @@ def test_structured_pruning_of_gpt2s_conv1d_along_dim_0_warns_that_it_prunes_inp
         quiet_trainer([pruning], max_steps=1).fit(Task(lm), _tokens())
     weight = lm.transformer.h[0].mlp.c_fc.weight.detach()  # (32 in, 128 out)
     assert int((weight.abs().sum(dim=1) == 0).sum()) == 16  # half the inputs, as the warning says
+
+
+def test_row_norm_constraints_on_gpt2s_conv1d_hold_per_output_unit():
+    """unit_norm, max_norm and weight_norm keep one norm per output unit. GPT-2's Conv1D stores
+    (in, out), so that unit's weights are a column of the stored tensor, as they are a row of a
+    Linear's: normalizing stored rows would normalize per input instead."""
+    from plugins.constraints.callback import WeightConstraints
+
+    torch.manual_seed(0)
+    lm = _gpt2()
+    conv1d = ["transformers.pytorch_utils.Conv1D"]
+    rules = [
+        {"name": "unit_norm", "include": ["*h.0.mlp.c_fc.weight"], "module_types": conv1d},
+        {"name": "max_norm", "args": {"radius": 0.1}, "include": ["*h.0.attn.c_proj.weight"], "module_types": conv1d},
+        {"name": "weight_norm", "include": ["*h.0.mlp.c_proj.weight"], "module_types": conv1d},
+    ]
+    quiet_trainer([WeightConstraints(rules, bake_at_end=False)], max_steps=2).fit(Task(lm), _tokens())
+    block = lm.transformer.h[0]
+    fc = block.mlp.c_fc.weight.detach()  # (32 in, 128 out)
+    assert torch.allclose(fc.norm(dim=0), torch.ones(128), atol=1e-5)  # one unit norm per output
+    norms = block.attn.c_proj.weight.detach().norm(dim=0)  # per output unit; GPT-2's init gives ~0.11
+    assert norms.max().item() <= 0.1 + 1e-6 and (norms - 0.1).abs().min().item() < 1e-6  # some on the ball
+    g = block.mlp.c_proj.parametrizations.weight.original0  # weight_norm's g: one per output unit
+    assert tuple(g.shape) == (1, 32) and block.mlp.c_proj.weight.shape == (128, 32)

@@ -13,6 +13,7 @@ from plugins.constraints.registry import build_constraint
 from plugins.constraints.rules import Rule
 from plugins.core.errors import ConfigError
 from plugins.core.masks import get_mask
+from plugins.core.weight_layout import output_dim
 
 __all__ = ["Applied", "register_rule"]
 
@@ -63,6 +64,7 @@ def register_rule(rule: Rule, name: str, module: nn.Module, tensor_name: str) ->
     if not torch.isfinite(weight).all():
         raise ConfigError(rule.key, name, "tensors whose values are all finite (found NaN or Inf)")
     constraint.target, constraint.rule_key, constraint.allow_masked = name, rule.key, rule.allow_masked
+    constraint.unit_dim = output_dim(module) if tensor_name == "weight" and weight.dim() >= 2 else 0
     if hasattr(constraint, "build"):
         constraint.build(weight.detach())
     constraint.to(device=weight.device)

@@ -66,11 +66,13 @@ class Constraint(nn.Module):
     projects: bool = False
     first_only: bool = False
 
-    # Set by WeightConstraints when registered: the tensor's qualified name, the rule's config key
-    # and whether the user accepted a mask that breaks the constraint.
+    # Set by WeightConstraints when registered: the tensor's qualified name, the rule's config key,
+    # whether the user accepted a mask that breaks the constraint, and the axis of the layer's
+    # output units (1 for a weight stored (in, out, ...): Hugging Face Conv1D, transposed convs).
     target: str = "?"
     rule_key: str = "constraints.rules[?]"
     allow_masked: bool = False
+    unit_dim: int = 0
 
     def fits(self, shape: tuple[int, ...]) -> str | None:
         """``None`` if a tensor of ``shape`` can carry the constraint, else the reason it cannot."""

@@ -1,7 +1,8 @@
 """Norm constraints: PyTorch's spectral and weight normalization, and row norms (unit or bounded).
 
 Rows are those of the weight seen as a ``(out, in * kernel)`` matrix: one row per output unit or
-channel.
+channel, along the axis the layer keeps its outputs on (dim 0; dim 1 for Hugging Face's ``Conv1D``
+and transposed convolutions, which store ``(in, out, ...)``: ``Constraint.unit_dim``).
 """
 
 from __future__ import annotations
@@ -80,22 +81,27 @@ class WeightNorm(Constraint):
     ``original1`` = v). Violation: ``max | ||W_i|| - g_i |``, which is 0 up to rounding.
 
     Args:
-        dim: the dimension that keeps its own norm (0: one per output unit).
+        dim: the dimension that keeps its own norm; default: the output units' (dim 0, or dim 1
+            of a weight stored (in, out, ...)), one norm per output unit.
     """
 
     first_only = True
 
-    def __init__(self, dim: int = 0) -> None:
+    def __init__(self, dim: int | None = None) -> None:
         super().__init__()
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+            raise ConfigError("dim", dim, "an integer dimension, or null for the output units'")
         self.dim = dim
         self.inner: nn.Module | None = None
 
     def fits(self, shape: tuple[int, ...]) -> str | None:
-        if not -len(shape) <= self.dim < max(len(shape), 1):
+        if self.dim is not None and not -len(shape) <= self.dim < max(len(shape), 1):
             return f"a tensor with a dimension {self.dim} (args.dim)"
         return None
 
     def build(self, weight: torch.Tensor) -> None:
+        if self.dim is None:
+            self.dim = self.unit_dim
         self.inner = _borrow("weight_norm", weight, dim=self.dim)
 
     def forward(self, weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
@@ -107,17 +113,22 @@ class WeightNorm(Constraint):
     @torch.no_grad()
     def violation(self, weight: torch.Tensor) -> torch.Tensor:
         # A reparametrization holds by definition: what is left is rounding.
-        w = weight.detach().double()
-        g = torch.norm_except_dim(w, 2, self.dim)
-        return (torch._weight_norm(w, g, self.dim) - w).abs().max()
+        w, dim = weight.detach().double(), self.unit_dim if self.dim is None else self.dim
+        g = torch.norm_except_dim(w, 2, dim)
+        return (torch._weight_norm(w, g, dim) - w).abs().max()
 
 
-def _row_norms(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """Norms of the rows of the ``(out, -1)`` view, shaped to broadcast against ``x``."""
-    norms = as_matrix(x).norm(dim=1)
+def _row_norms(x: torch.Tensor, dim: int = 0, eps: float = 0.0) -> torch.Tensor:
+    """Norms of the rows (one per index of ``dim``), shaped to broadcast against ``x``."""
+    if x.ndim <= 1:
+        norms = as_matrix(x).norm(dim=1)
+        return norms.clamp_min(eps) if eps else norms
+    norms = as_matrix(x.movedim(dim, 0)).norm(dim=1)
     if eps:
         norms = norms.clamp_min(eps)
-    return norms.reshape((-1,) + (1,) * (x.ndim - 1)) if x.ndim > 1 else norms
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    return norms.reshape(shape)
 
 
 @register_constraint("unit_norm")
@@ -139,14 +150,14 @@ class UnitNorm(Constraint):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x / _row_norms(x, self.eps)
+        return x / _row_norms(x, self.unit_dim, self.eps)
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         return w
 
     @torch.no_grad()
     def violation(self, weight: torch.Tensor) -> torch.Tensor:
-        return (as_matrix(weight.detach()).double().norm(dim=1) - 1).abs().max()
+        return (_row_norms(weight.detach().double(), self.unit_dim) - 1).abs().max()
 
 
 @register_constraint("max_norm")
@@ -167,7 +178,7 @@ class MaxNorm(Constraint):
         self.radius = float(radius)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = (self.radius / _row_norms(x, 1e-30)).clamp(max=1.0)
+        scale = (self.radius / _row_norms(x, self.unit_dim, 1e-30)).clamp(max=1.0)
         return x * scale
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
@@ -175,7 +186,7 @@ class MaxNorm(Constraint):
 
     @torch.no_grad()
     def violation(self, weight: torch.Tensor) -> torch.Tensor:
-        norms = as_matrix(weight.detach()).double().norm(dim=1)
+        norms = _row_norms(weight.detach().double(), self.unit_dim)
         return (norms.max() - self.radius).clamp(min=0)
 
     def extra_repr(self) -> str:

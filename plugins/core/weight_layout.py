@@ -1,12 +1,13 @@
 """Which dimension of a layer's stored weight runs over the layer's inputs (the reduction dimension
 of its matrix product): dim 1 for ``Linear`` and ``ConvNd`` (``(out, in, ...)``), dim 0 for Hugging
-Face's ``Conv1D`` (GPT-2's ``(in, out)``) and for transposed convolutions (``(in, out, ...)``)."""
+Face's ``Conv1D`` (GPT-2's ``(in, out)``) and for transposed convolutions (``(in, out, ...)``); and
+which one runs over its output units (the other of the two)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["input_dim", "is_hf_conv1d"]
+__all__ = ["input_dim", "is_hf_conv1d", "output_dim"]
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -21,3 +22,8 @@ def input_dim(module: nn.Module) -> int:
     """The dimension of ``module.weight`` along which its inputs run."""
     transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
     return 0 if transposed or is_hf_conv1d(module) else 1
+
+
+def output_dim(module: nn.Module) -> int:
+    """The dimension of ``module.weight`` along which its output units run."""
+    return 1 if input_dim(module) == 0 else 0
