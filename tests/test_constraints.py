@@ -197,3 +197,23 @@ def test_projections_reach_the_orthogonal_matrices(shape, dtype, tol):
     far = torch.randn(shape, dtype=dtype)  # far from the set: the exact polar factor by SVD
     polar_(far)
     assert orthogonal_violation(far) <= max(tol, 1e-5)
+
+
+def test_spectral_norm_on_a_transposed_convolution_normalizes_its_out_by_in_matrix_as_pytorch_does():
+    """A ConvTranspose2d stores (in, out, kh, kw); PyTorch's own spectral_norm takes its matrix as
+    (out, in * kh * kw), the output axis first, and so does the rule."""
+    from tests.helpers import Tiny, quiet_trainer
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Unflatten(1, (8, 1, 1)), nn.ConvTranspose2d(8, 6, 2), nn.Flatten(), nn.Linear(24, 3))
+    with torch.no_grad():
+        net[1].weight.mul_(torch.linspace(0.2, 3.0, 6).reshape(1, 6, 1, 1))  # output units of unequal size
+    wc = WeightConstraints([{"name": "spectral_norm", "args": {"n_power_iterations": 5}, "include": ["net.1.weight"],
+                             "module_types": ["ConvTranspose2d"]}])
+    quiet_trainer([wc], max_epochs=2).fit(Tiny(net))
+    w = net[1].weight.detach().double()
+    out_first = torch.linalg.matrix_norm(w.movedim(1, 0).reshape(6, -1), ord=2).item()
+    in_first = torch.linalg.matrix_norm(w.reshape(8, -1), ord=2).item()
+    assert abs(out_first - 1) < 1e-3 and abs(in_first - 1) > 0.05
+    torch_sn = torch.nn.utils.parametrizations.spectral_norm(nn.ConvTranspose2d(8, 6, 2))
+    assert torch_sn.parametrizations.weight[0].dim == 1  # the axis PyTorch picks for this layer

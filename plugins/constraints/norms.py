@@ -29,7 +29,8 @@ def _borrow(kind: str, weight: torch.Tensor, **kwargs) -> nn.Module:
 @register_constraint("spectral_norm")
 class SpectralNorm(Constraint):
     """PyTorch's spectral normalization: ``W / sigma``, ``sigma`` the largest singular value of the
-    ``(out, -1)`` matrix, estimated by power iteration (``n_power_iterations`` per training
+    ``(out, -1)`` matrix (out along the layer's output axis: dim 1 of a transposed convolution, as
+    PyTorch's ``spectral_norm`` takes it), estimated by power iteration (``n_power_iterations`` per training
     forward). Registering rescales the weight to spectral norm 1 (not the nearest point).
     Violation: ``| ||W||_2 - 1 |``, exact (SVD) in float64. A mask after it can raise ``||W||_2``:
     refused unless ``allow_masked``.
@@ -56,11 +57,11 @@ class SpectralNorm(Constraint):
 
     def build(self, weight: torch.Tensor) -> None:
         self.inner = _borrow(
-            "spectral_norm", weight, n_power_iterations=self.n_power_iterations, eps=self.eps
+            "spectral_norm", weight, n_power_iterations=self.n_power_iterations, eps=self.eps, dim=self.unit_dim
         )
         # A few extra power iterations now, so the first forwards already normalize well.
         with torch.no_grad():
-            self.inner._power_method(as_matrix(weight.detach()), 15)
+            self.inner._power_method(self.inner._reshape_weight_to_matrix(weight.detach()), 15)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x)
@@ -70,7 +71,8 @@ class SpectralNorm(Constraint):
 
     @torch.no_grad()
     def violation(self, weight: torch.Tensor) -> torch.Tensor:
-        return (torch.linalg.matrix_norm(as_matrix(weight.detach()).double(), ord=2) - 1).abs()
+        matrix = as_matrix(weight.detach().movedim(self.unit_dim, 0)).double()
+        return (torch.linalg.matrix_norm(matrix, ord=2) - 1).abs()
 
 
 @register_constraint("weight_norm")
