@@ -30,8 +30,8 @@ def _borrow(kind: str, weight: torch.Tensor, **kwargs) -> nn.Module:
 class SpectralNorm(Constraint):
     """PyTorch's spectral normalization: ``W / sigma``, ``sigma`` the largest singular value of the
     ``(out, -1)`` matrix (out along the layer's output axis: dim 1 of a transposed convolution, as
-    PyTorch's ``spectral_norm`` takes it), estimated by power iteration (``n_power_iterations`` per training
-    forward). Registering rescales the weight to spectral norm 1 (not the nearest point).
+    PyTorch's ``spectral_norm`` takes it), estimated by power iteration (``n_power_iterations`` per
+    training forward). Registering rescales the weight to spectral norm 1 (not the nearest point).
     Violation: ``| ||W||_2 - 1 |``, exact (SVD) in float64. A mask after it can raise ``||W||_2``:
     refused unless ``allow_masked``.
 
@@ -101,10 +101,13 @@ class WeightNorm(Constraint):
             return f"a tensor with a dimension {self.dim} (args.dim)"
         return None
 
+    @property
+    def norm_dim(self) -> int:
+        """``dim`` as given, else the output units' axis."""
+        return self.unit_dim if self.dim is None else self.dim
+
     def build(self, weight: torch.Tensor) -> None:
-        if self.dim is None:
-            self.dim = self.unit_dim
-        self.inner = _borrow("weight_norm", weight, dim=self.dim)
+        self.inner = _borrow("weight_norm", weight, dim=self.norm_dim)
 
     def forward(self, weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
         return self.inner(weight_g, weight_v)
@@ -115,19 +118,19 @@ class WeightNorm(Constraint):
     @torch.no_grad()
     def violation(self, weight: torch.Tensor) -> torch.Tensor:
         # A reparametrization holds by definition: what is left is rounding.
-        w, dim = weight.detach().double(), self.unit_dim if self.dim is None else self.dim
-        g = torch.norm_except_dim(w, 2, dim)
-        return (torch._weight_norm(w, g, dim) - w).abs().max()
+        w = weight.detach().double()
+        g = torch.norm_except_dim(w, 2, self.norm_dim)
+        return (torch._weight_norm(w, g, self.norm_dim) - w).abs().max()
 
 
 def _row_norms(x: torch.Tensor, dim: int = 0, eps: float = 0.0) -> torch.Tensor:
-    """Norms of the rows (one per index of ``dim``), shaped to broadcast against ``x``."""
-    if x.ndim <= 1:
-        norms = as_matrix(x).norm(dim=1)
-        return norms.clamp_min(eps) if eps else norms
-    norms = as_matrix(x.movedim(dim, 0)).norm(dim=1)
+    """Norms of the rows (one per index of ``dim``; a vector is one row), shaped to broadcast
+    against ``x``."""
+    norms = as_matrix(x.movedim(dim, 0) if x.ndim > 1 else x).norm(dim=1)
     if eps:
         norms = norms.clamp_min(eps)
+    if x.ndim <= 1:
+        return norms
     shape = [1] * x.ndim
     shape[dim] = -1
     return norms.reshape(shape)

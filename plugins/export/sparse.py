@@ -4,11 +4,11 @@
 A baked model keeps its zeros in dense tensors, which cost as much as any other value. Each
 ``Linear`` (and Hugging Face ``Conv1D``, and 1x1 convolution) is offered to the sparse kernels of its
 device in the forms ``candidates`` names (MKL's CSR/BSR on CPU; on a CUDA GPU, cuSPARSELt's or
-CUTLASS's 2:4 for a layer whose weight is 2:4); the form is chosen per layer by timing it against the
-dense layer on the input that layer really receives from ``example_input``. A layer keeps its dense weight unless
-a sparse form is at least ``min_speedup`` times faster. The exported model must give the baked
-model's outputs within ``atol`` (scaled by the output's size, see :func:`choose.tolerance`), layer
-by layer and end to end, or the export raises naming the layer.
+CUTLASS's 2:4 for a layer whose weight is 2:4); the form is chosen per layer by timing it against
+the dense layer on the input that layer really receives from ``example_input``. A layer keeps its
+dense weight unless a sparse form is at least ``min_speedup`` times faster. The exported model
+must give the baked model's outputs within ``atol`` (scaled by the output's size, see
+:func:`choose.tolerance`), layer by layer and end to end, or the export raises naming the layer.
 """
 
 from __future__ import annotations
@@ -222,8 +222,8 @@ def sparse_export(
     Returns:
         The exported module and the record: one JSON-serializable dict per Linear-like layer
         (``layer``, ``type``, ``shape``, ``zeros``, ``form``, ``reason``, and when timed
-        ``dense_ms``, ``candidates_ms``, ``speedup``; ``refused`` for a 2:4 layer kept dense for
-        its precision).
+        ``dense_ms``, ``candidates_ms``, ``speedup``; ``refused`` for a 2:4 layer kept dense, with
+        its output's difference or its kernel's error).
 
     Raises:
         ConfigError: a parametrized model, or ``forms`` naming an unknown layer or form.
